@@ -1,0 +1,38 @@
+# Set-up and everyday commands. `make run` and `make test` create or reuse .venv and
+# install the pinned dependencies first.
+
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+CORPUS ?= ../shared/data/jaychou_lyrics.txt
+PREFIX ?= 分开
+
+.PHONY: install run test lint format bench-train models clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check torch==2.13.0
+	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	$(VENV)/bin/lyrics generate --prefix "$(PREFIX)" --max-chars 100
+
+test: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix .
+
+bench-train: $(STAMP)
+	$(PY) bench/train_speed.py --corpus $(CORPUS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

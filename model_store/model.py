@@ -1,0 +1,182 @@
+"""The character language model: input step, recurrent cell stack, dense output layer.
+
+One weight layout, two implementations:
+
+* `scratch` runs the recurrence one time step at a time with the cell equations written
+  out below (the tutorial's formulas, readable line by line).
+* `fused` hands the same tensors to torch.nn.RNN/GRU/LSTM (cuDNN on a GPU, ATen's
+  C++ loop on a CPU).
+
+The weights are named and shaped as torch.nn.RNN/GRU/LSTM names them
+(`rnn.weight_ih_l0` is W_xh transposed, gate blocks stacked in torch's order), so a
+checkpoint loads into either implementation.
+
+Input step. With `embed_size == 0` the input is the tutorial's one-hot vector and
+`X_t @ W_xh` is computed as a row lookup into W_xh: the same product without building a
+vocabulary-wide one-hot matrix. torch.nn's fused modules cannot take a looked-up
+product, only the one-hot itself, so one-hot models run on `scratch`. With
+`embed_size > 0` a learned embedding of that width feeds the first layer and both
+implementations apply.
+
+GRU note: torch (and cuDNN) apply the reset gate after the hidden product,
+`R * (H @ W_hh + b_hn)`, where the tutorial writes `(R * H) @ W_hh`. One weight layout
+for both implementations means one formula, so `scratch` uses torch's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+GATES = {"rnn": 1, "gru": 3, "lstm": 4}
+IMPLS = ("scratch", "fused")
+
+State = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything needed to rebuild a model's architecture; stored in each checkpoint."""
+
+    cell: str
+    vocab_size: int
+    hidden_size: int = 256
+    num_layers: int = 1
+    embed_size: int = 0  # 0: one-hot input, as the tutorial; > 0: a learned embedding
+    dropout: float = 0.0  # between stacked layers, as torch.nn.GRU's dropout
+
+    def __post_init__(self):
+        if self.cell not in GATES:
+            raise ValueError(f"cell must be one of {sorted(GATES)}, not {self.cell!r}")
+        for name in ("vocab_size", "hidden_size", "num_layers"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, not {getattr(self, name)!r}")
+        if not isinstance(self.embed_size, int) or self.embed_size < 0:
+            raise ValueError(f"embed_size must be 0 (one-hot) or positive, not {self.embed_size!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), not {self.dropout!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class CharLM(nn.Module):
+    """Character-level language model. `forward(inputs, state)` maps (batch, steps) indices
+    to (batch, steps, vocab) logits and the new state."""
+
+    def __init__(self, config: ModelConfig, impl: str = "auto"):
+        super().__init__()
+        self.config = config
+        input_size = config.embed_size or config.vocab_size
+        self.embedding = nn.Embedding(config.vocab_size, config.embed_size) if config.embed_size else None
+        rnn_class = {"rnn": nn.RNN, "gru": nn.GRU, "lstm": nn.LSTM}[config.cell]
+        self.rnn = rnn_class(input_size, config.hidden_size, config.num_layers,
+                             dropout=config.dropout if config.num_layers > 1 else 0.0, batch_first=True)
+        self.dense = nn.Linear(config.hidden_size, config.vocab_size)
+        self.impl = impl
+
+    @property
+    def impl(self) -> str:
+        return self._impl
+
+    @impl.setter
+    def impl(self, impl: str) -> None:
+        if impl == "auto":
+            impl = "fused" if self.config.embed_size else "scratch"
+        if impl not in IMPLS:
+            raise ValueError(f"impl must be one of {IMPLS} or 'auto', not {impl!r}")
+        if impl == "fused" and not self.config.embed_size:
+            raise ValueError("impl 'fused' needs an embedding (embed_size > 0): torch.nn's fused "
+                             "RNNs would multiply a vocabulary-wide one-hot; use impl 'scratch'")
+        self._impl = impl
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def init_state(self, batch_size: int, device=None) -> State:
+        device = device or self.dense.weight.device
+        c = self.config
+        zeros = torch.zeros(c.num_layers, batch_size, c.hidden_size, device=device)
+        return (zeros, zeros.clone()) if c.cell == "lstm" else zeros
+
+    def forward(self, inputs: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
+        if state is None:
+            state = self.init_state(inputs.shape[0], inputs.device)
+        if self.impl == "fused":
+            hiddens, state = self.rnn(self.embedding(inputs), state)
+        else:
+            hiddens, state = self._scratch(inputs, state)
+        return self.dense(hiddens), state
+
+    def input_gates(self, inputs: torch.Tensor) -> torch.Tensor:
+        """X_t @ W_xh + b_ih of the first layer for every step: (batch, steps, gates * hidden).
+
+        One-hot input: row lookup into W_xh (`weight_ih_l0` is stored transposed, so its
+        columns are W_xh's rows)."""
+        w_ih, b_ih = self.rnn.weight_ih_l0, self.rnn.bias_ih_l0
+        if self.embedding is None:
+            return F.embedding(inputs, w_ih.t()) + b_ih
+        return F.linear(self.embedding(inputs), w_ih, b_ih)
+
+    def _scratch(self, inputs: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        cell = self.config.cell
+        h_all, c_all = state if cell == "lstm" else (state, None)
+        layer_input = None
+        h_out, c_out = [], []
+        for layer in range(self.config.num_layers):
+            w_hh = getattr(self.rnn, f"weight_hh_l{layer}")
+            b_hh = getattr(self.rnn, f"bias_hh_l{layer}")
+            if layer == 0:
+                xg = self.input_gates(inputs)
+            else:
+                if self.training and self.config.dropout:
+                    layer_input = F.dropout(layer_input, self.config.dropout)
+                xg = F.linear(layer_input, getattr(self.rnn, f"weight_ih_l{layer}"),
+                              getattr(self.rnn, f"bias_ih_l{layer}"))
+            H, C = h_all[layer], (c_all[layer] if c_all is not None else None)
+            outputs = []
+            for t in range(inputs.shape[1]):
+                hg = torch.addmm(b_hh, H, w_hh.t())
+                if cell == "rnn":
+                    H = rnn_cell(xg[:, t], hg)
+                elif cell == "gru":
+                    H = gru_cell(xg[:, t], hg, H)
+                else:
+                    H, C = lstm_cell(xg[:, t], hg, C)
+                outputs.append(H)
+            layer_input = torch.stack(outputs, dim=1)
+            h_out.append(H)
+            c_out.append(C)
+        new_state = (torch.stack(h_out), torch.stack(c_out)) if cell == "lstm" else torch.stack(h_out)
+        return layer_input, new_state
+
+
+# Cell equations. `xg` = X_t @ W_x* + b_i*, `hg` = H_{t-1} @ W_h* + b_h*, each holding the
+# gate blocks side by side in torch's order.
+
+def rnn_cell(xg: torch.Tensor, hg: torch.Tensor) -> torch.Tensor:
+    # H_t = tanh(X_t W_xh + H_{t-1} W_hh + b_h)
+    return torch.tanh(xg + hg)
+
+
+def gru_cell(xg: torch.Tensor, hg: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
+    x_r, x_z, x_h = xg.chunk(3, dim=1)
+    h_r, h_z, h_h = hg.chunk(3, dim=1)
+    R = torch.sigmoid(x_r + h_r)  # reset gate
+    Z = torch.sigmoid(x_z + h_z)  # update gate
+    H_tilde = torch.tanh(x_h + R * h_h)  # candidate state
+    return Z * H + (1 - Z) * H_tilde
+
+
+def lstm_cell(xg: torch.Tensor, hg: torch.Tensor, C: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    x_i, x_f, x_c, x_o = xg.chunk(4, dim=1)
+    h_i, h_f, h_c, h_o = hg.chunk(4, dim=1)
+    I = torch.sigmoid(x_i + h_i)  # input gate  # noqa: E741
+    F_ = torch.sigmoid(x_f + h_f)  # forget gate
+    C_tilde = torch.tanh(x_c + h_c)  # candidate memory
+    O = torch.sigmoid(x_o + h_o)  # output gate  # noqa: E741
+    C = F_ * C + I * C_tilde
+    return O * torch.tanh(C), C

@@ -1,0 +1,70 @@
+"""Finding and loading checkpoints: by name in a model directory, or by path.
+
+A model's name is its file's stem (`gru.safetensors` is `gru`). `load_directory` loads
+every valid checkpoint and reports, rather than raises, the files it had to skip, so
+one broken file never hides the good ones.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from model_store.checkpoint import Checkpoint, CheckpointError, load_checkpoint
+
+BUNDLED_DIR = Path(__file__).parent / "checkpoints"
+SUFFIX = ".safetensors"
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """'auto' is CUDA when available, else CPU; 'cuda' without a GPU is an error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available")
+    return dev
+
+
+def checkpoint_paths(directory: str | os.PathLike) -> list[Path]:
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    return sorted(p for p in directory.iterdir() if p.name.endswith(SUFFIX) and not p.name.startswith("."))
+
+
+def resolve(name_or_path: str, directory: str | os.PathLike = BUNDLED_DIR) -> Path:
+    """A path to an existing file, or the checkpoint named `name_or_path` in `directory`."""
+    candidate = Path(name_or_path)
+    if candidate.suffix == SUFFIX or os.sep in name_or_path:
+        return candidate
+    return Path(directory) / f"{name_or_path}{SUFFIX}"
+
+
+@dataclass
+class LoadedModels:
+    models: dict[str, Checkpoint] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)  # file name -> reason
+
+    @property
+    def default(self) -> str | None:
+        """The model with the lowest validation perplexity (models without one come last)."""
+        def key(name):
+            ppl = self.models[name].training.get("val_perplexity")
+            return (ppl is None, ppl if ppl is not None else 0.0, name)
+        return min(self.models, key=key) if self.models else None
+
+
+def load_directory(directory: str | os.PathLike, device: str | torch.device = "cpu") -> LoadedModels:
+    loaded = LoadedModels()
+    for path in checkpoint_paths(directory):
+        try:
+            ck = load_checkpoint(path, device=device)
+        except CheckpointError as e:
+            loaded.skipped[path.name] = str(e)
+            continue
+        loaded.models[ck.name] = ck
+    return loaded

@@ -1,0 +1,222 @@
+"""The `lyrics` command line: train, generate, perplexity, models.
+
+`generate`, `perplexity` and `models` take `--json` and then print one JSON object, the
+same shape as the service's HTTP answer. Errors print one line to stderr and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+
+from model_store.checkpoint import CheckpointError, load_checkpoint
+from model_store.generate import SamplingParams, generate
+from model_store.registry import BUNDLED_DIR, LoadedModels, load_directory, resolve, resolve_device
+from model_store.scoring import score_text
+from model_store.vocab import UnknownCharactersError
+from training.corpus import CorpusError
+from training.train import DEFAULT_LR, TrainConfig, train
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, not {text}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, not {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lyrics", description="Character-level RNN/GRU/LSTM lyric models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a model on a text corpus",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       description="Train a character language model and write a self-describing checkpoint. "
+                                   "The best model by validation perplexity is kept at --out; NAME.resume, "
+                                   "NAME.metrics.jsonl and NAME.curves.png are written beside it.")
+    t.add_argument("--corpus", required=True, help="UTF-8 text file to learn from")
+    t.add_argument("--cell", required=True, choices=["rnn", "gru", "lstm"], help="recurrent cell")
+    t.add_argument("--out", required=True, help="checkpoint path, e.g. model_store/checkpoints/gru.safetensors")
+    t.add_argument("--impl", default="auto", choices=["auto", "scratch", "fused"],
+                   help="scratch: per-step equations; fused: torch.nn.RNN/GRU/LSTM (needs --embed-size > 0); "
+                        "auto: fused with an embedding, scratch with one-hot input")
+    t.add_argument("--hidden-size", type=positive_int, default=256, help="hidden units per layer")
+    t.add_argument("--num-layers", type=positive_int, default=1, help="stacked recurrent layers")
+    t.add_argument("--embed-size", type=non_negative_int, default=0,
+                   help="0: one-hot input as the tutorial; N: a learned N-wide character embedding")
+    t.add_argument("--dropout", type=float, default=0.0, help="dropout between stacked layers")
+    t.add_argument("--num-steps", type=positive_int, default=35, help="characters per training sequence (BPTT)")
+    t.add_argument("--batch-size", type=positive_int, default=32, help="sequences per minibatch")
+    t.add_argument("--epochs", type=positive_int, default=50, help="passes over the training part")
+    t.add_argument("--lr", type=float, default=None,
+                   help=f"learning rate (default: {DEFAULT_LR['adam']} for adam, {DEFAULT_LR['sgd']} for sgd)")
+    t.add_argument("--optimizer", default="adam", choices=["sgd", "adam"], help="optimizer")
+    t.add_argument("--clip", type=float, default=1.0, help="global gradient-norm clipping threshold (0: off)")
+    t.add_argument("--weight-decay", type=float, default=0.0, help="L2 weight decay")
+    t.add_argument("--sampling", default="consecutive", choices=["random", "consecutive"],
+                   help="random: shuffled examples, fresh state per batch; consecutive: state carried")
+    t.add_argument("--val-frac", type=float, default=0.1, help="last fraction of the corpus held out for validation")
+    t.add_argument("--newlines", default="keep", choices=["keep", "space"],
+                   help="keep line breaks, or turn them into spaces as the tutorial")
+    t.add_argument("--max-chars", type=positive_int, default=None,
+                   help="use only the first N characters (the tutorial uses 10000)")
+    t.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    t.add_argument("--seed", type=int, default=0, help="random seed (runs on CPU are reproducible)")
+    t.add_argument("--resume", action="store_true", help="continue from NAME.resume beside --out")
+    t.add_argument("--eval-every", type=positive_int, default=1, help="epochs between validation runs")
+    t.add_argument("--sample-every", type=non_negative_int, default=10, help="epochs between sample lines (0: never)")
+    t.add_argument("--sample-chars", type=positive_int, default=50, help="characters per sample line")
+    t.add_argument("--prefixes", nargs="*", default=["分开", "不分开"], help="prefixes for sample lines")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    g = sub.add_parser("generate", help="continue a prefix", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_model_args(g)
+    g.add_argument("--prefix", required=True, help="text to continue (every character must be in the vocabulary)")
+    g.add_argument("--max-chars", type=non_negative_int, default=50, help="characters to generate at most")
+    g.add_argument("--temperature", type=float, default=0.0, help="0: greedy, as the tutorial's predict")
+    g.add_argument("--top-k", type=non_negative_int, default=0, help="sample among the k likeliest (0: all)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
+    g.add_argument("--repetition-penalty", type=float, default=1.0, help=">1 discourages repeated characters")
+    g.add_argument("--stop", action="append", default=[], help="stop when this string is generated (repeatable)")
+    g.add_argument("--seed", type=int, default=None, help="seed for sampling (same seed, same text)")
+    g.add_argument("-n", type=positive_int, default=1, help="number of continuations")
+    g.add_argument("--json", action="store_true", help="print one JSON object")
+
+    p = sub.add_parser("perplexity", help="score a text", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_model_args(p)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--text", help="text to score")
+    src.add_argument("--file", help="UTF-8 file to score")
+    p.add_argument("--unknown", default="error", choices=["error", "skip"],
+                   help="characters outside the vocabulary: fail, or drop them and count them")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+    m = sub.add_parser("models", help="list the checkpoints in a directory",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    m.add_argument("--dir", default=str(BUNDLED_DIR), help="model directory")
+    m.add_argument("--json", action="store_true", help="print one JSON object")
+    return parser
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="model name in --dir, or a checkpoint path (default: the best)")
+    p.add_argument("--dir", default=str(BUNDLED_DIR), help="model directory for names")
+    p.add_argument("--device", default="cpu", help="auto, cpu, cuda or cuda:N")
+
+
+def open_model(args):
+    device = resolve_device(args.device)
+    if args.model is None:
+        loaded = load_directory(args.dir, device)
+        if not loaded.models:
+            raise CheckpointError(f"no loadable checkpoint in {args.dir}")
+        return loaded.models[loaded.default]
+    return load_checkpoint(resolve(args.model, args.dir), device=device)
+
+
+def model_info(ck, default: str | None = None) -> dict:
+    c = ck.config
+    t = ck.training
+    return {"name": ck.name, "default": ck.name == default, "cell": c.cell, "hidden_size": c.hidden_size,
+            "num_layers": c.num_layers, "embed_size": c.embed_size, "vocab_size": c.vocab_size,
+            "parameters": ck.model.num_parameters(), "newlines": ck.newlines,
+            "device": str(ck.model.dense.weight.device), "dtype": str(ck.model.dense.weight.dtype).removeprefix("torch."),
+            "train_perplexity": t.get("train_perplexity"), "val_perplexity": t.get("val_perplexity"),
+            "training": t}
+
+
+def cmd_train(args) -> int:
+    options = {k: v for k, v in vars(args).items() if k not in ("command", "no_progress", "argv")}
+    cfg = TrainConfig(**options, progress=not args.no_progress, command="lyrics " + shlex.join(args.argv))
+    result = train(cfg)
+    best = f"{result.best_val_perplexity:.2f}" if result.best_val_perplexity else "n/a"
+    print(f"done: best validation perplexity {best} at epoch {result.best_epoch}, "
+          f"final train perplexity {result.final_train_perplexity:.2f}; checkpoint {cfg.out}")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    ck = open_model(args)
+    params = SamplingParams(args.temperature, args.top_k, args.top_p, args.repetition_penalty)
+    prefix = args.prefix.replace("\n", " ") if ck.newlines == "space" else args.prefix
+    choices = generate(ck.model, ck.vocab, prefix, args.max_chars, params, args.stop, args.seed, args.n)
+    if args.json:
+        body = {"model": ck.name, "prefix": prefix, "text": choices[0].text, "generated": choices[0].generated,
+                "finish_reason": choices[0].finish_reason, "seed": choices[0].seed,
+                "choices": [vars(c) for c in choices],
+                "usage": {"prompt_chars": len(prefix), "generated_chars": sum(len(c.generated) for c in choices)}}
+        print(json.dumps(body, ensure_ascii=False))
+    else:
+        for c in choices:
+            print(c.text)
+    return 0
+
+
+def cmd_perplexity(args) -> int:
+    ck = open_model(args)
+    text = args.text if args.text is not None else read_text(args.file)
+    if ck.newlines == "space":
+        text = text.replace("\r\n", "\n").replace("\n", " ")
+    s = score_text(ck.model, ck.vocab, text, unknown=args.unknown)
+    body = {"model": ck.name, "perplexity": s.perplexity, "cross_entropy": s.cross_entropy,
+            "bits_per_char": s.bits_per_char, "chars_scored": s.chars_scored, "unknown_skipped": s.unknown_skipped}
+    print(json.dumps(body, ensure_ascii=False) if args.json else
+          f"{ck.name}: perplexity {s.perplexity:.3f}, cross-entropy {s.cross_entropy:.4f} nats/char "
+          f"over {s.chars_scored} characters" + (f" ({s.unknown_skipped} unknown skipped)" if s.unknown_skipped else ""))
+    return 0
+
+
+def cmd_models(args) -> int:
+    loaded: LoadedModels = load_directory(args.dir)
+    infos = [model_info(ck, loaded.default) for ck in loaded.models.values()]
+    if args.json:
+        print(json.dumps({"default": loaded.default, "models": infos, "skipped": loaded.skipped}, ensure_ascii=False))
+        return 0
+    if not infos:
+        print(f"no loadable checkpoint in {args.dir}")
+    for i in infos:
+        val = f"{i['val_perplexity']:.2f}" if i["val_perplexity"] else "n/a"
+        mark = " (default)" if i["default"] else ""
+        print(f"{i['name']}{mark}: {i['cell']} {i['num_layers']}x{i['hidden_size']}, vocab {i['vocab_size']}, "
+              f"{i['parameters']:,} parameters, validation perplexity {val}")
+    for name, reason in loaded.skipped.items():
+        print(f"skipped {name}: {reason}", file=sys.stderr)
+    return 0
+
+
+def read_text(path: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise CorpusError(f"cannot read {path}: {e}") from e
+
+
+COMMANDS = {"train": cmd_train, "generate": cmd_generate, "perplexity": cmd_perplexity, "models": cmd_models}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser().parse_args(argv)
+    args.argv = argv
+    try:
+        return COMMANDS[args.command](args)
+    except (CheckpointError, CorpusError, UnknownCharactersError, ValueError, FileNotFoundError) as e:
+        print(f"lyrics {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"lyrics {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

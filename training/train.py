@@ -1,0 +1,336 @@
+"""The training loop: minibatches, cross-entropy, real gradient clipping, validation,
+best-checkpoint keeping, resumable state, progress, samples, metrics and curves.
+
+Outputs for `--out NAME.safetensors`:
+  NAME.safetensors     the best model so far by validation perplexity (the last one
+                       when there is no validation split), a self-describing checkpoint
+  NAME.resume          the latest weights, optimizer state, epoch and RNG states, for
+                       `--resume` (safetensors too: no pickle)
+  NAME.metrics.jsonl   one JSON line per epoch
+  NAME.curves.png      train and validation perplexity against epoch
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save as safetensors_bytes
+from tqdm import tqdm
+
+from model_store.checkpoint import atomic_write_bytes, finite_or_none, save_checkpoint
+from model_store.generate import generate
+from model_store.model import CharLM, ModelConfig
+from model_store.registry import resolve_device
+from model_store.scoring import score_ids
+from training.batches import data_iter_consecutive, data_iter_random, num_batches
+from training.corpus import Corpus, CorpusError, load_corpus
+
+DEFAULT_LR = {"sgd": 100.0, "adam": 1e-3}  # sgd: the tutorial's 1e2 for its scratch RNN
+
+
+@dataclass
+class TrainConfig:
+    """The options of `lyrics train`; stored in the checkpoint's training summary."""
+
+    corpus: str
+    cell: str
+    out: str
+    impl: str = "auto"
+    hidden_size: int = 256
+    num_layers: int = 1
+    embed_size: int = 0
+    dropout: float = 0.0
+    num_steps: int = 35
+    batch_size: int = 32
+    epochs: int = 50
+    lr: float | None = None
+    optimizer: str = "adam"
+    clip: float = 1.0
+    weight_decay: float = 0.0
+    sampling: str = "consecutive"
+    val_frac: float = 0.1
+    newlines: str = "keep"
+    max_chars: int | None = None
+    device: str = "auto"
+    seed: int = 0
+    resume: bool = False
+    eval_every: int = 1
+    sample_every: int = 10
+    sample_chars: int = 50
+    prefixes: list[str] = field(default_factory=lambda: ["分开", "不分开"])
+    progress: bool = True
+    command: str = ""
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else DEFAULT_LR[self.optimizer]
+
+
+@dataclass
+class TrainResult:
+    best_val_perplexity: float | None
+    best_epoch: int
+    final_train_perplexity: float
+    epochs_run: int
+    history: list[dict]
+
+
+def paths_for(out: str | Path) -> dict[str, Path]:
+    out = Path(out)
+    stem = out.parent / out.name.removesuffix(".safetensors")
+    return {"checkpoint": out, "resume": Path(f"{stem}.resume"),
+            "metrics": Path(f"{stem}.metrics.jsonl"), "curves": Path(f"{stem}.curves.png")}
+
+
+def make_optimizer(cfg: TrainConfig, model: CharLM) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    raise ValueError(f"optimizer must be 'sgd' or 'adam', not {cfg.optimizer!r}")
+
+
+def clip_gradients(params: list[torch.nn.Parameter], theta: float) -> float:
+    """Scale all gradients together so their global L2 norm is at most theta; returns the
+    norm before clipping. Takes a list: the tutorial's concise loop passed a one-shot
+    generator, which its norm loop used up, so it never clipped."""
+    norm = torch.nn.utils.clip_grad_norm_(params, theta if theta > 0 else math.inf)
+    return float(norm)
+
+
+def detach_state(state):
+    if state is None:
+        return None
+    return tuple(s.detach() for s in state) if isinstance(state, tuple) else state.detach()
+
+
+def train_epoch(model: CharLM, optimizer: torch.optim.Optimizer, corpus: Corpus, cfg: TrainConfig,
+                rng: random.Random, device: torch.device) -> tuple[float, float, int]:
+    """One pass over the training ids: (mean loss, mean pre-clip gradient norm, characters)."""
+    model.train()
+    params = list(model.parameters())
+    vocab_size = model.config.vocab_size
+    if cfg.sampling == "random":
+        batches = data_iter_random(corpus.train_ids, cfg.batch_size, cfg.num_steps, rng, device)
+    else:
+        batches = data_iter_consecutive(corpus.train_ids, cfg.batch_size, cfg.num_steps, device)
+    state = None
+    loss_sum, norm_sum, n_chars, n_batches = 0.0, 0.0, 0, 0
+    for X, Y in batches:
+        # random: each batch starts from a zero state; consecutive: carry it, cut the graph
+        state = None if cfg.sampling == "random" else detach_state(state)
+        logits, state = model(X, state)
+        loss = F.cross_entropy(logits.reshape(-1, vocab_size), Y.reshape(-1))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        norm_sum += clip_gradients(params, cfg.clip)
+        optimizer.step()
+        loss_sum += loss.item() * Y.numel()
+        n_chars += Y.numel()
+        n_batches += 1
+    if n_batches == 0:
+        raise CorpusError(f"the training part ({len(corpus.train_ids)} characters) is too short for one batch "
+                          f"of {cfg.batch_size} x {cfg.num_steps}: lower --batch-size or --num-steps")
+    return loss_sum / n_chars, norm_sum / n_batches, n_chars
+
+
+def evaluate(model: CharLM, corpus: Corpus) -> float | None:
+    """Validation perplexity: every validation character predicted from all text before it,
+    starting from the last training character."""
+    if not corpus.val_ids:
+        return None
+    return score_ids(model, corpus.train_ids[-1:] + corpus.val_ids).perplexity
+
+
+def train(cfg: TrainConfig, log=None) -> TrainResult:
+    log = log or (lambda msg: tqdm.write(msg, file=sys.stderr))
+    if cfg.sampling not in ("random", "consecutive"):
+        raise ValueError(f"sampling must be 'random' or 'consecutive', not {cfg.sampling!r}")
+    if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.num_steps < 1:
+        raise ValueError("epochs, batch size and num steps must be positive")
+    device = resolve_device(cfg.device)
+    corpus = load_corpus(cfg.corpus, cfg.newlines, cfg.val_frac, cfg.max_chars)
+    if num_batches(len(corpus.train_ids), cfg.batch_size, cfg.num_steps, cfg.sampling) < 1:
+        raise CorpusError(f"the training part ({len(corpus.train_ids)} characters) is too short for one batch "
+                          f"of {cfg.batch_size} x {cfg.num_steps}: lower --batch-size or --num-steps")
+    paths = paths_for(cfg.out)
+
+    torch.manual_seed(cfg.seed)
+    rng = random.Random(cfg.seed)
+    config = ModelConfig(cell=cfg.cell, vocab_size=len(corpus.vocab), hidden_size=cfg.hidden_size,
+                         num_layers=cfg.num_layers, embed_size=cfg.embed_size, dropout=cfg.dropout)
+    model = CharLM(config, impl=cfg.impl).to(device)
+    optimizer = make_optimizer(cfg, model)
+    start_epoch, best_val, best_epoch, history, seconds = 0, None, 0, [], 0.0
+    if cfg.resume:
+        start_epoch, best_val, best_epoch, seconds = load_resume_state(paths["resume"], model, optimizer, rng,
+                                                                       cfg, corpus, device)
+        history = [h for h in read_metrics(paths["metrics"]) if h["epoch"] <= start_epoch]
+        log(f"resuming {paths['resume']} after epoch {start_epoch} of {cfg.epochs}")
+    write_metrics(paths["metrics"], history)
+
+    prefixes = [p for p in cfg.prefixes if p and not corpus.vocab.unknown(p)]
+    for p in set(cfg.prefixes) - set(prefixes):
+        log(f"sample prefix {p!r} skipped: characters not in this corpus's vocabulary")
+    log(f"training {cfg.cell} ({config.num_layers}x{config.hidden_size}, {model.num_parameters():,} parameters, "
+        f"impl {model.impl}) on {device}: {len(corpus.train_ids):,} train / {len(corpus.val_ids):,} val characters, "
+        f"vocabulary {len(corpus.vocab):,}")
+
+    bar = tqdm(range(start_epoch, cfg.epochs), initial=start_epoch, total=cfg.epochs, desc="epochs",
+               disable=not cfg.progress, file=sys.stderr, dynamic_ncols=True)
+    train_ppl = math.nan
+    for epoch in bar:
+        t0 = time.perf_counter()
+        loss, grad_norm, n_chars = train_epoch(model, optimizer, corpus, cfg, rng, device)
+        elapsed = time.perf_counter() - t0
+        seconds += elapsed
+        train_ppl = math.exp(min(loss, 700))
+        number = epoch + 1
+        evaluate_now = number % cfg.eval_every == 0 or number == cfg.epochs
+        val_ppl = evaluate(model, corpus) if evaluate_now else None
+        record = {"epoch": number, "train_perplexity": train_ppl, "val_perplexity": finite_or_none(val_ppl),
+                  "grad_norm": grad_norm, "chars_per_sec": n_chars / elapsed, "seconds": elapsed}
+        history.append(record)
+        improved = evaluate_now and (not corpus.val_ids or best_val is None or
+                                     (val_ppl is not None and val_ppl < best_val))
+        if improved:
+            best_val, best_epoch = val_ppl, number
+            save_checkpoint(paths["checkpoint"], model, corpus.vocab, cfg.newlines,
+                            training_summary(cfg, corpus, history, best_val, best_epoch, seconds, device))
+        save_resume_state(paths["resume"], model, optimizer, rng, cfg, corpus, number, best_val, best_epoch, seconds)
+        append_metrics(paths["metrics"], record)
+        bar.set_postfix(train_ppl=f"{train_ppl:.2f}", val_ppl=f"{val_ppl:.1f}" if val_ppl else "-",
+                        chars_s=f"{n_chars / elapsed:,.0f}")
+        if prefixes and cfg.sample_every and number % cfg.sample_every == 0:
+            model.eval()
+            for p in prefixes:
+                text = generate(model, corpus.vocab, p, cfg.sample_chars)[0].text
+                log(f"epoch {number} sample: {text!r}")
+    bar.close()
+    plot_curves(paths["curves"], history)
+    return TrainResult(best_val_perplexity=best_val, best_epoch=best_epoch, final_train_perplexity=train_ppl,
+                       epochs_run=cfg.epochs - start_epoch, history=history)
+
+
+def training_summary(cfg: TrainConfig, corpus: Corpus, history: list[dict], best_val: float | None,
+                     best_epoch: int, seconds: float, device: torch.device) -> dict:
+    options = {k: v for k, v in asdict(cfg).items() if k not in ("command", "progress", "resume")}
+    return {
+        "command": cfg.command,
+        "corpus_sha256": corpus.sha256,
+        "corpus_chars": corpus.file_chars,
+        "train_chars": len(corpus.train_ids),
+        "val_chars": len(corpus.val_ids),
+        "epochs": history[-1]["epoch"],
+        "best_epoch": best_epoch,
+        "train_perplexity": finite_or_none(history[-1]["train_perplexity"]),
+        "val_perplexity": finite_or_none(best_val),
+        "train_seconds": round(seconds, 2),
+        "device": str(device),
+        "torch_version": torch.__version__,
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "options": options,
+    }
+
+
+# Resumable state: tensors in a safetensors file, everything else in its JSON header.
+
+def save_resume_state(path: Path, model: CharLM, optimizer: torch.optim.Optimizer, rng: random.Random,
+                      cfg: TrainConfig, corpus: Corpus, epoch: int, best_val: float | None, best_epoch: int,
+                      seconds: float) -> None:
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    opt = optimizer.state_dict()
+    opt_scalars: dict[str, dict] = {}
+    for pid, pstate in opt["state"].items():
+        for key, value in pstate.items():
+            if torch.is_tensor(value):
+                tensors[f"optim.{pid}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                opt_scalars.setdefault(str(pid), {})[key] = value
+    tensors["rng.torch"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    version, internal, gauss = rng.getstate()
+    meta = {"epoch": epoch, "best_val": best_val, "best_epoch": best_epoch, "seconds": seconds,
+            "model_config": model.config.to_dict(), "corpus_sha256": corpus.sha256,
+            "optimizer": cfg.optimizer, "param_groups": opt["param_groups"], "optim_scalars": opt_scalars,
+            "python_rng": [version, list(internal), gauss]}
+    atomic_write_bytes(path, safetensors_bytes(tensors, metadata={"resume": json.dumps(meta)}))
+
+
+def load_resume_state(path: Path, model: CharLM, optimizer: torch.optim.Optimizer, rng: random.Random,
+                      cfg: TrainConfig, corpus: Corpus, device: torch.device) -> tuple[int, float | None, int, float]:
+    if not path.is_file():
+        raise FileNotFoundError(f"--resume: no training state at {path} (it is written after every epoch)")
+    with safe_open(path, framework="pt", device="cpu") as f:
+        meta = json.loads((f.metadata() or {})["resume"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    if meta["model_config"] != model.config.to_dict():
+        raise ValueError(f"--resume: {path} holds a {meta['model_config']} model; these options build "
+                         f"{model.config.to_dict()}")
+    if meta["corpus_sha256"] != corpus.sha256 or meta["optimizer"] != cfg.optimizer:
+        raise ValueError(f"--resume: {path} was trained on another corpus or with another optimizer")
+    model.load_state_dict({k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")})
+    opt_state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, pid, name = key.split(".", 2)
+            opt_state.setdefault(int(pid), {})[name] = value.to(device)
+    for pid, scalars in meta["optim_scalars"].items():
+        opt_state.setdefault(int(pid), {}).update(scalars)
+    optimizer.load_state_dict({"state": opt_state, "param_groups": meta["param_groups"]})
+    torch.set_rng_state(tensors["rng.torch"])
+    if "rng.cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng.cuda"])
+    version, internal, gauss = meta["python_rng"]
+    rng.setstate((version, tuple(internal), gauss))
+    return meta["epoch"], meta["best_val"], meta["best_epoch"], meta["seconds"]
+
+
+def read_metrics(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def write_metrics(path: Path, history: list[dict]) -> None:
+    atomic_write_bytes(path, "".join(json.dumps(h) + "\n" for h in history).encode())
+
+
+def append_metrics(path: Path, record: dict) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def plot_curves(path: Path, history: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    epochs = [h["epoch"] for h in history]
+    ax.plot(epochs, [h["train_perplexity"] for h in history], label="train")
+    val = [(h["epoch"], h["val_perplexity"]) for h in history if h["val_perplexity"] is not None]
+    if val:
+        ax.plot(*zip(*val, strict=True), label="validation", marker=".")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("perplexity")
+    ax.set_yscale("log")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
