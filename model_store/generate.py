@@ -9,7 +9,7 @@ and picks its character by inverse CDF over the surviving probabilities.
 from __future__ import annotations
 
 import secrets
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -101,56 +101,102 @@ def repeat_state(state: State, n: int) -> State:
     return state.repeat(1, n, 1)
 
 
-@torch.inference_mode()
+@dataclass
+class Delta:
+    """New text for one continuation, as it is produced."""
+
+    index: int
+    text: str
+
+
+class Generation:
+    """One request's continuations, produced step by step.
+
+    Iterating yields `Delta`s as characters are generated (text that might be the start of
+    a stop string is held back until it is known not to be); afterwards `completions`
+    holds the finished results. Choice i of a sampled request uses seed `seed + i`, so
+    n=1 reproduces choice 0 of a larger n. Raises UnknownCharactersError for characters
+    outside the vocabulary and ValueError for an empty prefix (the model needs one
+    character to start from) or out-of-range sizes.
+    """
+
+    def __init__(self, model: CharLM, vocab: Vocabulary, prefix: str, max_chars: int = 50,
+                 params: SamplingParams = SamplingParams(), stop: Sequence[str] = (),
+                 seed: int | None = None, n: int = 1):
+        if not prefix:
+            raise ValueError("prefix must contain at least one character")
+        if max_chars < 0 or n < 1:
+            raise ValueError("max_chars must be >= 0 and n >= 1")
+        self.model, self.vocab, self.prefix = model, vocab, prefix
+        self.ids = vocab.encode(prefix)
+        self.max_chars, self.params, self.n = max_chars, params, n
+        self.stop = [s for s in stop if s]
+        if params.temperature > 0 and seed is None:
+            seed = secrets.randbits(31)
+        self.seeds = [seed + i if params.temperature > 0 else None for i in range(n)]
+        self.completions: list[Completion] = []
+
+    def __iter__(self) -> Iterator[Delta]:
+        # grad mode is thread-local state: set it per block, never across a yield
+        n, vocab = self.n, self.vocab
+        generators = [row_generator(s) if s is not None else None for s in self.seeds]
+        with torch.no_grad():
+            logits, state = prefill(self.model, self.ids)
+            logits, state = logits.repeat(n, 1), repeat_state(state, n)
+            device = logits.device
+            seen = torch.zeros(n, len(vocab), dtype=torch.bool, device=device)
+            seen[:, torch.tensor(self.ids, device=device)] = True
+        texts, emitted = [""] * n, [0] * n
+        finish: list[str | None] = [None] * n
+        for _ in range(self.max_chars):
+            with torch.no_grad():
+                chosen = sample_next(logits, [self.params] * n, seen, generators).tolist()
+            for row, c in enumerate(chosen):
+                if finish[row] is not None:
+                    continue
+                texts[row] += vocab.idx_to_char[c]
+                if any(texts[row].endswith(s) for s in self.stop):
+                    finish[row] = "stop"
+                    texts[row] = strip_stop(texts[row], self.stop)
+                    safe = len(texts[row])
+                else:
+                    safe = len(texts[row]) - held_back(texts[row], self.stop)
+                if safe > emitted[row]:
+                    yield Delta(row, texts[row][emitted[row]:safe])
+                    emitted[row] = safe
+            if all(f is not None for f in finish):
+                break
+            with torch.no_grad():
+                next_ids = torch.tensor(chosen, device=device)
+                seen[torch.arange(n), next_ids] = True
+                step_logits, state = self.model(next_ids[:, None], state)
+                logits = step_logits[:, -1]
+        for row in range(n):
+            if len(texts[row]) > emitted[row]:
+                yield Delta(row, texts[row][emitted[row]:])
+            self.completions.append(Completion(self.prefix + texts[row], texts[row], finish[row] or "length",
+                                               self.seeds[row]))
+
+
 def generate(model: CharLM, vocab: Vocabulary, prefix: str, max_chars: int = 50,
              params: SamplingParams = SamplingParams(), stop: Sequence[str] = (),
              seed: int | None = None, n: int = 1) -> list[Completion]:
-    """Continue `prefix` with up to `max_chars` characters, `n` times.
+    """Continue `prefix` with up to `max_chars` characters, `n` times (see `Generation`)."""
+    generation = Generation(model, vocab, prefix, max_chars, params, stop, seed, n)
+    for _ in generation:
+        pass
+    return generation.completions
 
-    Raises UnknownCharactersError for characters outside the vocabulary and ValueError
-    for an empty prefix (the model needs one character to start from). Choice i of a
-    sampled request uses seed `seed + i`, so n=1 reproduces choice 0 of a larger n.
-    """
-    if not prefix:
-        raise ValueError("prefix must contain at least one character")
-    if max_chars < 0 or n < 1:
-        raise ValueError("max_chars must be >= 0 and n >= 1")
-    ids = vocab.encode(prefix)
-    stop = [s for s in stop if s]
-    if params.temperature > 0 and seed is None:
-        seed = secrets.randbits(31)
-    seeds = [seed + i if params.temperature > 0 else None for i in range(n)]
-    generators = [row_generator(s) if s is not None else None for s in seeds]
 
-    logits, state = prefill(model, ids)
-    logits, state = logits.repeat(n, 1), repeat_state(state, n)
-    seen = torch.zeros(n, len(vocab), dtype=torch.bool, device=logits.device)
-    seen[:, torch.tensor(ids, device=logits.device)] = True
-    out: list[list[int]] = [[] for _ in range(n)]
-    finish: list[str | None] = [None] * n
-    texts = [""] * n
-    for _ in range(max_chars):
-        chosen = sample_next(logits, [params] * n, seen, generators).tolist()
-        for row, c in enumerate(chosen):
-            if finish[row] is None:
-                out[row].append(c)
-                texts[row] += vocab.idx_to_char[c]
-                if any(texts[row].endswith(s) for s in stop):
-                    finish[row] = "stop"
-        if all(f is not None for f in finish):
-            break
-        next_ids = torch.tensor(chosen, device=logits.device)
-        seen[torch.arange(n), next_ids] = True
-        step_logits, state = model(next_ids[:, None], state)
-        logits = step_logits[:, -1]
-    completions = []
-    for row in range(n):
-        generated = texts[row]
-        reason = finish[row] or "length"
-        if reason == "stop":
-            generated = strip_stop(generated, stop)
-        completions.append(Completion(prefix + generated, generated, reason, seeds[row]))
-    return completions
+def held_back(text: str, stop: Sequence[str]) -> int:
+    """How many trailing characters of `text` could still grow into a stop string."""
+    longest = 0
+    for s in stop:
+        for k in range(min(len(s) - 1, len(text)), longest, -1):
+            if s.startswith(text[-k:]):
+                longest = k
+                break
+    return longest
 
 
 def strip_stop(text: str, stop: Sequence[str]) -> str:

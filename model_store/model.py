@@ -46,7 +46,7 @@ class ModelConfig:
     hidden_size: int = 256
     num_layers: int = 1
     embed_size: int = 0  # 0: one-hot input, as the tutorial; > 0: a learned embedding
-    dropout: float = 0.0  # between stacked layers, as torch.nn.GRU's dropout
+    dropout: float = 0.0  # on the embedding, between stacked layers and before the dense layer
 
     def __post_init__(self):
         if self.cell not in GATES:
@@ -106,10 +106,13 @@ class CharLM(nn.Module):
         if state is None:
             state = self.init_state(inputs.shape[0], inputs.device)
         if self.impl == "fused":
-            hiddens, state = self.rnn(self.embedding(inputs), state)
+            hiddens, state = self.rnn(self.drop(self.embedding(inputs)), state)
         else:
             hiddens, state = self._scratch(inputs, state)
-        return self.dense(hiddens), state
+        return self.dense(self.drop(hiddens)), state
+
+    def drop(self, x: torch.Tensor) -> torch.Tensor:
+        return F.dropout(x, self.config.dropout, self.training) if self.config.dropout else x
 
     def input_gates(self, inputs: torch.Tensor) -> torch.Tensor:
         """X_t @ W_xh + b_ih of the first layer for every step: (batch, steps, gates * hidden).
@@ -119,7 +122,7 @@ class CharLM(nn.Module):
         w_ih, b_ih = self.rnn.weight_ih_l0, self.rnn.bias_ih_l0
         if self.embedding is None:
             return F.embedding(inputs, w_ih.t()) + b_ih
-        return F.linear(self.embedding(inputs), w_ih, b_ih)
+        return F.linear(self.drop(self.embedding(inputs)), w_ih, b_ih)
 
     def _scratch(self, inputs: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         cell = self.config.cell
@@ -132,9 +135,7 @@ class CharLM(nn.Module):
             if layer == 0:
                 xg = self.input_gates(inputs)
             else:
-                if self.training and self.config.dropout:
-                    layer_input = F.dropout(layer_input, self.config.dropout)
-                xg = F.linear(layer_input, getattr(self.rnn, f"weight_ih_l{layer}"),
+                xg = F.linear(self.drop(layer_input), getattr(self.rnn, f"weight_ih_l{layer}"),
                               getattr(self.rnn, f"bias_ih_l{layer}"))
             H, C = h_all[layer], (c_all[layer] if c_all is not None else None)
             outputs = []

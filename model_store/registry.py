@@ -58,6 +58,17 @@ class LoadedModels:
         return min(self.models, key=key) if self.models else None
 
 
+def describe(ck: Checkpoint, default: str | None = None) -> dict:
+    """A model's public description: the CLI's `models --json` and the service's /models entries."""
+    c, t, weight = ck.config, ck.training, ck.model.dense.weight
+    return {"name": ck.name, "default": ck.name == default, "cell": c.cell, "hidden_size": c.hidden_size,
+            "num_layers": c.num_layers, "embed_size": c.embed_size, "vocab_size": c.vocab_size,
+            "parameters": ck.model.num_parameters(), "newlines": ck.newlines, "impl": ck.model.impl,
+            "device": str(weight.device), "dtype": str(weight.dtype).removeprefix("torch."),
+            "train_perplexity": t.get("train_perplexity"), "val_perplexity": t.get("val_perplexity"),
+            "training": t}
+
+
 def load_directory(directory: str | os.PathLike, device: str | torch.device = "cpu") -> LoadedModels:
     loaded = LoadedModels()
     for path in checkpoint_paths(directory):

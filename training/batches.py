@@ -59,5 +59,5 @@ def data_iter_consecutive(corpus_indices: Sequence[int], batch_size: int, num_st
 
 def num_batches(n_chars: int, batch_size: int, num_steps: int, sampling: str) -> int:
     if sampling == "random":
-        return ((n_chars - 1) // num_steps) // batch_size
-    return (n_chars // batch_size - 1) // num_steps
+        return max(0, ((n_chars - 1) // num_steps) // batch_size)
+    return max(0, (n_chars // batch_size - 1) // num_steps)

@@ -1,4 +1,4 @@
-"""The `lyrics` command line: train, generate, perplexity, models.
+"""The `lyrics` command line: train, generate, perplexity, models, serve.
 
 `generate`, `perplexity` and `models` take `--json` and then print one JSON object, the
 same shape as the service's HTTP answer. Errors print one line to stderr and exit 2.
@@ -8,16 +8,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 from pathlib import Path
 
 from model_store.checkpoint import CheckpointError, load_checkpoint
 from model_store.generate import SamplingParams, generate
-from model_store.registry import BUNDLED_DIR, LoadedModels, load_directory, resolve, resolve_device
+from model_store.registry import BUNDLED_DIR, LoadedModels, describe, load_directory, resolve, resolve_device
 from model_store.scoring import score_text
 from model_store.vocab import UnknownCharactersError
-from training.corpus import CorpusError
+from training.corpus import CorpusError, normalise
 from training.train import DEFAULT_LR, TrainConfig, train
 
 
@@ -105,6 +106,17 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     m.add_argument("--dir", default=str(BUNDLED_DIR), help="model directory")
     m.add_argument("--json", action="store_true", help="print one JSON object")
+
+    s = sub.add_parser("serve", help="start the HTTP service (uvicorn)",
+                       description="Serve every checkpoint in the model directory over HTTP. Options override "
+                                   "the LYRICS_* environment variables; every other setting (limits, default "
+                                   "model) comes from the environment.")
+    s.add_argument("--host", default=None, help="interface to bind (LYRICS_HOST, default 127.0.0.1)")
+    s.add_argument("--port", type=int, default=None, help="TCP port (LYRICS_PORT, default 8000)")
+    s.add_argument("--model-dir", default=None, help="directory of .safetensors checkpoints (LYRICS_MODEL_DIR, "
+                                                    "default: the bundled models)")
+    s.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (LYRICS_DEVICE, default auto)")
+    s.add_argument("--log-level", default=None, help="debug, info, warning or error (LYRICS_LOG_LEVEL, default info)")
     return parser
 
 
@@ -124,17 +136,6 @@ def open_model(args):
     return load_checkpoint(resolve(args.model, args.dir), device=device)
 
 
-def model_info(ck, default: str | None = None) -> dict:
-    c = ck.config
-    t = ck.training
-    return {"name": ck.name, "default": ck.name == default, "cell": c.cell, "hidden_size": c.hidden_size,
-            "num_layers": c.num_layers, "embed_size": c.embed_size, "vocab_size": c.vocab_size,
-            "parameters": ck.model.num_parameters(), "newlines": ck.newlines,
-            "device": str(ck.model.dense.weight.device), "dtype": str(ck.model.dense.weight.dtype).removeprefix("torch."),
-            "train_perplexity": t.get("train_perplexity"), "val_perplexity": t.get("val_perplexity"),
-            "training": t}
-
-
 def cmd_train(args) -> int:
     options = {k: v for k, v in vars(args).items() if k not in ("command", "no_progress", "argv")}
     cfg = TrainConfig(**options, progress=not args.no_progress, command="lyrics " + shlex.join(args.argv))
@@ -148,7 +149,7 @@ def cmd_train(args) -> int:
 def cmd_generate(args) -> int:
     ck = open_model(args)
     params = SamplingParams(args.temperature, args.top_k, args.top_p, args.repetition_penalty)
-    prefix = args.prefix.replace("\n", " ") if ck.newlines == "space" else args.prefix
+    prefix = normalise(args.prefix, ck.newlines)
     choices = generate(ck.model, ck.vocab, prefix, args.max_chars, params, args.stop, args.seed, args.n)
     if args.json:
         body = {"model": ck.name, "prefix": prefix, "text": choices[0].text, "generated": choices[0].generated,
@@ -165,8 +166,7 @@ def cmd_generate(args) -> int:
 def cmd_perplexity(args) -> int:
     ck = open_model(args)
     text = args.text if args.text is not None else read_text(args.file)
-    if ck.newlines == "space":
-        text = text.replace("\r\n", "\n").replace("\n", " ")
+    text = normalise(text, ck.newlines)
     s = score_text(ck.model, ck.vocab, text, unknown=args.unknown)
     body = {"model": ck.name, "perplexity": s.perplexity, "cross_entropy": s.cross_entropy,
             "bits_per_char": s.bits_per_char, "chars_scored": s.chars_scored, "unknown_skipped": s.unknown_skipped}
@@ -178,7 +178,7 @@ def cmd_perplexity(args) -> int:
 
 def cmd_models(args) -> int:
     loaded: LoadedModels = load_directory(args.dir)
-    infos = [model_info(ck, loaded.default) for ck in loaded.models.values()]
+    infos = [describe(ck, loaded.default) for ck in loaded.models.values()]
     if args.json:
         print(json.dumps({"default": loaded.default, "models": infos, "skipped": loaded.skipped}, ensure_ascii=False))
         return 0
@@ -194,14 +194,36 @@ def cmd_models(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    # The service is imported here, not at the top: training never depends on app at import time.
+    import uvicorn
+    from pydantic import ValidationError
+
+    from app.settings import Settings
+
+    for option, env in (("host", "LYRICS_HOST"), ("port", "LYRICS_PORT"), ("model_dir", "LYRICS_MODEL_DIR"),
+                        ("device", "LYRICS_DEVICE"), ("log_level", "LYRICS_LOG_LEVEL")):
+        value = getattr(args, option)
+        if value is not None:
+            os.environ[env] = str(value)
+    try:
+        settings = Settings()
+    except ValidationError as e:
+        raise ValueError(f"invalid LYRICS_* setting: {e}") from e
+    uvicorn.run("app.main:create_app", factory=True, host=settings.host, port=settings.port,
+                log_level=settings.log_level, access_log=False)
+    return 0
+
+
 def read_text(path: str) -> str:
     try:
-        return Path(path).read_text(encoding="utf-8")
+        return Path(path).read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as e:
         raise CorpusError(f"cannot read {path}: {e}") from e
 
 
-COMMANDS = {"train": cmd_train, "generate": cmd_generate, "perplexity": cmd_perplexity, "models": cmd_models}
+COMMANDS = {"train": cmd_train, "generate": cmd_generate, "perplexity": cmd_perplexity, "models": cmd_models,
+            "serve": cmd_serve}
 
 
 def main(argv: list[str] | None = None) -> int:

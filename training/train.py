@@ -36,6 +36,9 @@ from training.batches import data_iter_consecutive, data_iter_random, num_batche
 from training.corpus import Corpus, CorpusError, load_corpus
 
 DEFAULT_LR = {"sgd": 100.0, "adam": 1e-3}  # sgd: the tutorial's 1e2 for its scratch RNN
+# options a resumed run must share with the run it continues, or it would not be the same run
+RESUME_FIXED = ("cell", "hidden_size", "num_layers", "embed_size", "dropout", "num_steps", "batch_size", "lr",
+                "optimizer", "clip", "weight_decay", "sampling", "val_frac", "newlines", "max_chars", "seed")
 
 
 @dataclass
@@ -145,8 +148,8 @@ def train_epoch(model: CharLM, optimizer: torch.optim.Optimizer, corpus: Corpus,
 
 
 def evaluate(model: CharLM, corpus: Corpus) -> float | None:
-    """Validation perplexity: every validation character predicted from all text before it,
-    starting from the last training character."""
+    """Validation perplexity: every validation character predicted from the validation text
+    before it, starting from a zero state at the last training character."""
     if not corpus.val_ids:
         return None
     return score_ids(model, corpus.train_ids[-1:] + corpus.val_ids).perplexity
@@ -217,6 +220,9 @@ def train(cfg: TrainConfig, log=None) -> TrainResult:
                 text = generate(model, corpus.vocab, p, cfg.sample_chars)[0].text
                 log(f"epoch {number} sample: {text!r}")
     bar.close()
+    if start_epoch >= cfg.epochs:
+        log(f"nothing to do: {paths['resume']} already reached epoch {start_epoch} (raise --epochs to go on)")
+        train_ppl = history[-1]["train_perplexity"] if history else math.nan
     plot_curves(paths["curves"], history)
     return TrainResult(best_val_perplexity=best_val, best_epoch=best_epoch, final_train_perplexity=train_ppl,
                        epochs_run=cfg.epochs - start_epoch, history=history)
@@ -263,7 +269,8 @@ def save_resume_state(path: Path, model: CharLM, optimizer: torch.optim.Optimize
     version, internal, gauss = rng.getstate()
     meta = {"epoch": epoch, "best_val": best_val, "best_epoch": best_epoch, "seconds": seconds,
             "model_config": model.config.to_dict(), "corpus_sha256": corpus.sha256,
-            "optimizer": cfg.optimizer, "param_groups": opt["param_groups"], "optim_scalars": opt_scalars,
+            "optimizer": cfg.optimizer, "options": {k: getattr(cfg, k) for k in RESUME_FIXED},
+            "param_groups": opt["param_groups"], "optim_scalars": opt_scalars,
             "python_rng": [version, list(internal), gauss]}
     atomic_write_bytes(path, safetensors_bytes(tensors, metadata={"resume": json.dumps(meta)}))
 
@@ -278,8 +285,12 @@ def load_resume_state(path: Path, model: CharLM, optimizer: torch.optim.Optimize
     if meta["model_config"] != model.config.to_dict():
         raise ValueError(f"--resume: {path} holds a {meta['model_config']} model; these options build "
                          f"{model.config.to_dict()}")
-    if meta["corpus_sha256"] != corpus.sha256 or meta["optimizer"] != cfg.optimizer:
-        raise ValueError(f"--resume: {path} was trained on another corpus or with another optimizer")
+    if meta["corpus_sha256"] != corpus.sha256:
+        raise ValueError(f"--resume: {path} was trained on another corpus (sha256 {meta['corpus_sha256'][:12]}...)")
+    changed = {k: (v, getattr(cfg, k)) for k, v in meta["options"].items() if getattr(cfg, k) != v}
+    if changed:
+        listed = ", ".join(f"{k} was {old!r}, now {new!r}" for k, (old, new) in changed.items())
+        raise ValueError(f"--resume: options differ from the run being resumed: {listed}")
     model.load_state_dict({k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")})
     opt_state: dict[int, dict] = {}
     for key, value in tensors.items():
@@ -331,6 +342,9 @@ def plot_curves(path: Path, history: list[dict]) -> None:
     ax.legend()
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        fig.savefig(tmp, dpi=100)
+        tmp.replace(path)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)

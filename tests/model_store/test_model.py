@@ -1,0 +1,201 @@
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model_store.model import CharLM, ModelConfig
+from model_store.vocab import one_hot
+
+V = 12
+
+
+def random_inputs(batch=3, steps=7, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, V, (batch, steps), generator=g)
+
+
+def random_state(model: CharLM, batch: int, seed=2):
+    g = torch.Generator().manual_seed(seed)
+    c = model.config
+    shape = (c.num_layers, batch, c.hidden_size)
+    h = torch.randn(shape, generator=g) * 0.5
+    if c.cell == "lstm":
+        return h, torch.randn(shape, generator=g) * 0.5
+    return h
+
+
+def states(state):
+    return list(state) if isinstance(state, tuple) else [state]
+
+
+# Input step -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cell", ["rnn", "gru", "lstm"])
+def test_one_hot_input_step_is_one_hot_times_w_xh_plus_bias(make_model, cell):
+    model = make_model(cell, vocab_size=V, hidden_size=8, embed_size=0)
+    x = random_inputs()
+    w_xh = model.rnn.weight_ih_l0.T  # (V, gates * hidden): W_xh as the tutorial writes it
+    assert w_xh.shape == (V, {"rnn": 1, "gru": 3, "lstm": 4}[cell] * 8)
+    expected = torch.stack([one_hot(row, V) @ w_xh + model.rnn.bias_ih_l0 for row in x])
+    got = model.input_gates(x)
+    assert got.shape == expected.shape == (3, 7, w_xh.shape[1])
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("cell", ["rnn", "lstm"])
+def test_embedded_input_step_is_embedding_then_linear(make_model, cell):
+    model = make_model(cell, vocab_size=V, hidden_size=8, embed_size=5)
+    x = random_inputs()
+    emb = model.embedding.weight[x]  # (batch, steps, embed)
+    expected = emb @ model.rnn.weight_ih_l0.T + model.rnn.bias_ih_l0
+    torch.testing.assert_close(model.input_gates(x), expected, atol=1e-6, rtol=0)
+
+
+def test_one_hot_model_has_no_embedding_and_takes_vocab_wide_input(make_model):
+    model = make_model("gru", vocab_size=V, embed_size=0)
+    assert model.embedding is None
+    assert model.rnn.weight_ih_l0.shape == (3 * 16, V)
+    assert model.impl == "scratch"  # auto
+    assert make_model("gru", vocab_size=V, embed_size=4).impl == "fused"  # auto
+
+
+# scratch == fused ---------------------------------------------------------------------------
+
+CASES = list(itertools.product(["rnn", "gru", "lstm"], [1, 2, 3]))
+
+
+@pytest.mark.parametrize("cell,num_layers", CASES)
+@pytest.mark.parametrize("initial", ["zero", "random"])
+def test_scratch_and_fused_give_the_same_logits_and_final_state(make_model, cell, num_layers, initial):
+    model = make_model(cell, vocab_size=V, hidden_size=10, num_layers=num_layers, embed_size=6, dropout=0.3,
+                       std=0.4, seed=num_layers)
+    x = random_inputs(batch=3, steps=9)
+    state = random_state(model, 3) if initial == "random" else None
+    model.impl = "fused"
+    fused_logits, fused_state = model(x, state)
+    model.impl = "scratch"
+    scratch_logits, scratch_state = model(x, state)
+    assert fused_logits.shape == scratch_logits.shape == (3, 9, V)
+    torch.testing.assert_close(scratch_logits, fused_logits, atol=1e-5, rtol=0)
+    assert isinstance(fused_state, tuple) == isinstance(scratch_state, tuple) == (cell == "lstm")
+    for s, f in zip(states(scratch_state), states(fused_state), strict=True):
+        assert s.shape == f.shape == (num_layers, 3, 10)
+        torch.testing.assert_close(s, f, atol=1e-5, rtol=0)
+
+
+def test_a_non_zero_initial_state_changes_the_output(make_model):
+    """Guards the test above: a random initial state must actually matter."""
+    model = make_model("lstm", vocab_size=V, hidden_size=10, num_layers=2, embed_size=6, std=0.4)
+    x = random_inputs()
+    zero_logits, _ = model(x)
+    state_logits, _ = model(x, random_state(model, 3))
+    assert not torch.allclose(zero_logits, state_logits, atol=1e-3)
+
+
+@pytest.mark.parametrize("cell", ["rnn", "gru", "lstm"])
+def test_state_carried_across_calls_equals_one_call(make_model, cell):
+    model = make_model(cell, vocab_size=V, hidden_size=10, num_layers=2, embed_size=0, std=0.4)
+    x = random_inputs(steps=10)
+    whole, whole_state = model(x)
+    first, state = model(x[:, :4])
+    second, split_state = model(x[:, 4:], state)
+    torch.testing.assert_close(torch.cat([first, second], dim=1), whole, atol=1e-5, rtol=0)
+    for a, b in zip(states(split_state), states(whole_state), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("cell", ["rnn", "gru", "lstm"])
+def test_scratch_and_fused_give_the_same_gradients(make_model, cell):
+    model = make_model(cell, vocab_size=V, hidden_size=8, num_layers=2, embed_size=5, std=0.4)
+    x, y = random_inputs(seed=3), random_inputs(seed=4)
+    grads = {}
+    for impl in ("fused", "scratch"):
+        model.impl = impl
+        model.zero_grad()
+        logits, _ = model(x)
+        F.cross_entropy(logits.reshape(-1, V), y.reshape(-1)).backward()
+        grads[impl] = [p.grad.clone() for p in model.parameters()]
+    for s, f in zip(grads["scratch"], grads["fused"], strict=True):
+        torch.testing.assert_close(s, f, atol=1e-5, rtol=1e-4)
+
+
+def test_fused_without_an_embedding_is_rejected():
+    config = ModelConfig(cell="gru", vocab_size=V, hidden_size=8, embed_size=0)
+    with pytest.raises(ValueError, match="embed"):
+        CharLM(config, impl="fused")
+    model = CharLM(config, impl="scratch")
+    with pytest.raises(ValueError, match="embed"):
+        model.impl = "fused"
+    assert model.impl == "scratch"
+
+
+def test_an_unknown_impl_is_rejected():
+    with pytest.raises(ValueError, match="impl"):
+        CharLM(ModelConfig(cell="rnn", vocab_size=V, hidden_size=8), impl="cudnn")
+
+
+# Dropout ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("impl", ["scratch", "fused"])
+def test_dropout_between_layers_is_active_in_train_mode_and_off_in_eval_mode(make_model, impl):
+    model = make_model("gru", vocab_size=V, hidden_size=16, num_layers=2, embed_size=6, dropout=0.5, impl=impl)
+    x = random_inputs()
+    model.train()
+    torch.manual_seed(0)
+    a, _ = model(x)
+    b, _ = model(x)
+    assert not torch.allclose(a, b, atol=1e-4)
+
+    model.eval()
+    c, _ = model(x)
+    d, _ = model(x)
+    assert torch.equal(c, d)
+    # in eval mode the model is exactly the same model without dropout
+    plain = CharLM(ModelConfig(cell="gru", vocab_size=V, hidden_size=16, num_layers=2, embed_size=6), impl=impl)
+    plain.load_state_dict(model.state_dict())
+    plain.eval()
+    torch.testing.assert_close(plain(x)[0], c, atol=1e-6, rtol=0)
+
+
+# Config --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", [
+    dict(cell="transformer"),
+    dict(vocab_size=0),
+    dict(hidden_size=-1),
+    dict(num_layers=0),
+    dict(hidden_size=2.5),
+    dict(embed_size=-3),
+    dict(dropout=1.0),
+    dict(dropout=-0.1),
+])
+def test_model_config_rejects_invalid_values(bad):
+    kwargs = dict(cell="rnn", vocab_size=5, hidden_size=4) | bad
+    with pytest.raises(ValueError):
+        ModelConfig(**kwargs)
+
+
+def test_model_config_round_trips_through_a_dict():
+    config = ModelConfig(cell="lstm", vocab_size=7, hidden_size=9, num_layers=2, embed_size=3, dropout=0.25)
+    assert ModelConfig(**config.to_dict()) == config
+    assert config.to_dict() == {"cell": "lstm", "vocab_size": 7, "hidden_size": 9, "num_layers": 2,
+                                "embed_size": 3, "dropout": 0.25}
+
+
+@pytest.mark.parametrize("cell,gates", [("rnn", 1), ("gru", 3), ("lstm", 4)])
+def test_weights_use_torch_nn_names_and_shapes(cell, gates):
+    model = CharLM(ModelConfig(cell=cell, vocab_size=V, hidden_size=8, num_layers=2, embed_size=5))
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert shapes == {
+        "embedding.weight": (V, 5),
+        "rnn.weight_ih_l0": (gates * 8, 5), "rnn.weight_hh_l0": (gates * 8, 8),
+        "rnn.bias_ih_l0": (gates * 8,), "rnn.bias_hh_l0": (gates * 8,),
+        "rnn.weight_ih_l1": (gates * 8, 8), "rnn.weight_hh_l1": (gates * 8, 8),
+        "rnn.bias_ih_l1": (gates * 8,), "rnn.bias_hh_l1": (gates * 8,),
+        "dense.weight": (V, 8), "dense.bias": (V,),
+    }
+    assert model.num_parameters() == sum(v.numel() for v in model.state_dict().values())
