@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 run: $(STAMP)
-	$(VENV)/bin/lyrics generate --prefix "$(PREFIX)" --max-chars 100
+	$(VENV)/bin/lyrics serve $(if $(HOST),--host $(HOST)) $(if $(PORT),--port $(PORT))
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -21,11 +21,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 
 from model_store.model import CharLM, ModelConfig
-from model_store.vocab import Vocabulary
+from model_store.vocab import NEWLINE_POLICIES, Vocabulary
 
 FORMAT_VERSION = 1
 METADATA_KEY = "lyrics"
-NEWLINE_POLICIES = ("keep", "space")
 
 
 class CheckpointError(ValueError):

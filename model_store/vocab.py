@@ -13,6 +13,17 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
+NEWLINE_POLICIES = ("keep", "space")
+
+
+def normalise_newlines(text: str, newlines: str = "keep") -> str:
+    """Text as a model reads it: \\r\\n and \\r become \\n; with the `space` policy (the
+    tutorial's) every newline then becomes a space. Training and serving apply the same rule."""
+    if newlines not in NEWLINE_POLICIES:
+        raise ValueError(f"newlines must be one of {NEWLINE_POLICIES}, not {newlines!r}")
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    return text.replace("\n", " ") if newlines == "space" else text
+
 
 class UnknownCharactersError(ValueError):
     """Raised when text holds characters the vocabulary does not have."""

@@ -17,8 +17,8 @@ from model_store.checkpoint import CheckpointError, load_checkpoint
 from model_store.generate import SamplingParams, generate
 from model_store.registry import BUNDLED_DIR, LoadedModels, describe, load_directory, resolve, resolve_device
 from model_store.scoring import score_text
-from model_store.vocab import UnknownCharactersError
-from training.corpus import CorpusError, normalise
+from model_store.vocab import UnknownCharactersError, normalise_newlines
+from training.corpus import CorpusError
 from training.train import DEFAULT_LR, TrainConfig, train
 
 
@@ -149,7 +149,7 @@ def cmd_train(args) -> int:
 def cmd_generate(args) -> int:
     ck = open_model(args)
     params = SamplingParams(args.temperature, args.top_k, args.top_p, args.repetition_penalty)
-    prefix = normalise(args.prefix, ck.newlines)
+    prefix = normalise_newlines(args.prefix, ck.newlines)
     choices = generate(ck.model, ck.vocab, prefix, args.max_chars, params, args.stop, args.seed, args.n)
     if args.json:
         body = {"model": ck.name, "prefix": prefix, "text": choices[0].text, "generated": choices[0].generated,
@@ -166,7 +166,7 @@ def cmd_generate(args) -> int:
 def cmd_perplexity(args) -> int:
     ck = open_model(args)
     text = args.text if args.text is not None else read_text(args.file)
-    text = normalise(text, ck.newlines)
+    text = normalise_newlines(text, ck.newlines)
     s = score_text(ck.model, ck.vocab, text, unknown=args.unknown)
     body = {"model": ck.name, "perplexity": s.perplexity, "cross_entropy": s.cross_entropy,
             "bits_per_char": s.bits_per_char, "chars_scored": s.chars_scored, "unknown_skipped": s.unknown_skipped}

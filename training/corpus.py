@@ -10,8 +10,7 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from model_store.checkpoint import NEWLINE_POLICIES
-from model_store.vocab import Vocabulary
+from model_store.vocab import NEWLINE_POLICIES, Vocabulary, normalise_newlines
 
 
 class CorpusError(ValueError):
@@ -28,13 +27,6 @@ class Corpus:
     file_chars: int  # characters in the file after normalisation
 
 
-def normalise(text: str, newlines: str = "keep") -> str:
-    if newlines not in NEWLINE_POLICIES:
-        raise CorpusError(f"newlines must be one of {NEWLINE_POLICIES}, not {newlines!r}")
-    text = text.replace("\r\n", "\n").replace("\r", "\n")
-    return text.replace("\n", " ") if newlines == "space" else text
-
-
 def load_corpus(path: str | Path, newlines: str = "keep", val_frac: float = 0.1,
                 max_chars: int | None = None) -> Corpus:
     path = Path(path)
@@ -46,7 +38,9 @@ def load_corpus(path: str | Path, newlines: str = "keep", val_frac: float = 0.1,
         decoded = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise CorpusError(f"corpus {path} is not UTF-8 text: {e}") from e
-    text = normalise(decoded, newlines)
+    if newlines not in NEWLINE_POLICIES:
+        raise CorpusError(f"newlines must be one of {NEWLINE_POLICIES}, not {newlines!r}")
+    text = normalise_newlines(decoded, newlines)
     file_chars = len(text)
     if max_chars is not None:
         if max_chars < 2:

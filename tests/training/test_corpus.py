@@ -2,7 +2,8 @@ import hashlib
 
 import pytest
 
-from training.corpus import CorpusError, load_corpus, normalise
+from model_store.vocab import normalise_newlines as normalise
+from training.corpus import CorpusError, load_corpus
 
 
 def write(tmp_path, data: bytes, name="c.txt"):
@@ -21,7 +22,7 @@ def test_the_space_policy_turns_every_line_break_into_one_space():
 
 
 def test_an_unknown_newline_policy_is_rejected():
-    with pytest.raises(CorpusError, match="newlines"):
+    with pytest.raises(ValueError, match="newlines"):
         normalise("abc", "drop")
 
 

@@ -1,0 +1,1 @@
+"""The HTTP service: FastAPI routes over the models in `model_store`."""

@@ -1,0 +1,41 @@
+"""Shared route dependencies as typed aliases: a route names what it needs by type."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from app.engine import Engine
+from app.errors import ApiError
+from app.metrics import Metrics
+from app.served import ServedModels
+from app.settings import Settings
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_metrics(request: Request) -> Metrics:
+    return request.app.state.metrics
+
+
+def get_models(request: Request) -> ServedModels:
+    models = getattr(request.app.state, "models", None)
+    if models is None:
+        raise ApiError(503, "not_ready", "the models are not loaded yet", headers={"Retry-After": "1"})
+    return models
+
+
+def get_engine(request: Request) -> Engine:
+    engine = getattr(request.app.state, "engine", None)
+    if engine is None or not engine.running:
+        raise ApiError(503, "not_ready", "the engine is not running", headers={"Retry-After": "1"})
+    return engine
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+MetricsDep = Annotated[Metrics, Depends(get_metrics)]
+ModelsDep = Annotated[ServedModels, Depends(get_models)]
+EngineDep = Annotated[Engine, Depends(get_engine)]

@@ -1,0 +1,116 @@
+"""One JSON error shape for every 4xx and 5xx answer:
+
+    {"error": {"type": "validation_error", "message": "what to change", "details": [...]}}
+
+`details` is present for request problems tied to fields: a list of {"loc", "msg", "type"}
+(plus "characters" for unknown characters). A 500 says only that the server failed; the
+trace goes to the log, never to the client.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+log = logging.getLogger("app.errors")
+
+TYPES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 408: "timeout",
+         413: "payload_too_large", 415: "unsupported_media_type", 422: "validation_error",
+         429: "too_many_requests", 500: "internal_error", 503: "unavailable", 504: "timeout"}
+
+
+class ApiError(Exception):
+    """A client-facing error: raise it anywhere below a route."""
+
+    def __init__(self, status: int, type: str, message: str, details: list[dict] | None = None,
+                 headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.type, self.message, self.details, self.headers = status, type, message, details, headers
+
+
+def error_body(type: str, message: str, details: list[dict] | None = None) -> dict:
+    error: dict[str, Any] = {"type": type, "message": message}
+    if details is not None:
+        error["details"] = details
+    return {"error": error}
+
+
+def error_response(status: int, type: str, message: str, details: list[dict] | None = None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(error_body(type, message, details), status_code=status, headers=headers)
+
+
+def field_error(loc: list, msg: str, type: str = "value_error", **extra) -> dict:
+    return {"loc": list(loc), "msg": msg, "type": type, **extra}
+
+
+def invalid(details: list[dict]) -> ApiError:
+    """A 422 for field problems found after parsing (configurable limits, unknown characters)."""
+    return ApiError(422, details[0]["type"] if len(details) == 1 else "validation_error", summary(details), details)
+
+
+def summary(details: list[dict]) -> str:
+    def where(loc):
+        parts = [str(p) for p in loc if p != "body"]
+        return ".".join(parts) if parts else "body"
+    shown = "; ".join(f"{where(d['loc'])}: {d['msg']}" for d in details[:5])
+    return shown + (f" (and {len(details) - 5} more)" if len(details) > 5 else "")
+
+
+def clean_validation_errors(errors: list[dict]) -> list[dict]:
+    """Pydantic's errors without the echoed input or non-JSON context."""
+    cleaned = []
+    for e in errors:
+        loc, msg = list(e.get("loc", ())), e.get("msg", "invalid value")
+        if e.get("type") == "json_invalid":
+            ctx = e.get("ctx") if isinstance(e.get("ctx"), dict) else {}
+            loc, msg = ["body"], f"the body is not valid JSON: {ctx.get('error', msg)} (at character {loc[-1]})"
+        cleaned.append(field_error([p if isinstance(p, int | str) else str(p) for p in loc],
+                                   str(msg), str(e.get("type", "value_error"))))
+    return cleaned
+
+
+def is_json(request: Request) -> bool:
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    return content_type == "application/json" or content_type.endswith("+json")
+
+
+async def on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    details = clean_validation_errors(list(exc.errors()))
+    if request.headers.get("content-type") and not is_json(request) and any(d["loc"] == ["body"] for d in details):
+        return error_response(415, "unsupported_media_type",
+                              "send the request body as JSON with the header 'Content-Type: application/json'")
+    if any(d["loc"] == ["body"] and d["type"] == "missing" for d in details):
+        return error_response(422, "validation_error", "a JSON object body is required", details)
+    return error_response(422, "validation_error", summary(details), details)
+
+
+async def on_api_error(request: Request, exc: ApiError) -> JSONResponse:
+    return error_response(exc.status, exc.type, exc.message, exc.details, exc.headers)
+
+
+async def on_http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    message = exc.detail if isinstance(exc.detail, str) else TYPES.get(exc.status_code, "error")
+    if exc.status_code == 404 and message == "Not Found":
+        message = f"no such endpoint: {request.url.path} (see /docs)"
+    elif exc.status_code == 405:
+        message = f"method {request.method} is not allowed on {request.url.path} (see /docs)"
+    return error_response(exc.status_code, TYPES.get(exc.status_code, "error"), message,
+                          headers=getattr(exc, "headers", None))
+
+
+async def on_unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+    log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return error_response(500, "internal_error", "the server failed to answer this request; it has been logged")
+
+
+def install(app: FastAPI) -> None:
+    app.add_exception_handler(RequestValidationError, on_validation_error)
+    app.add_exception_handler(ApiError, on_api_error)
+    app.add_exception_handler(HTTPException, on_http_error)
+    app.add_exception_handler(Exception, on_unexpected_error)

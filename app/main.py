@@ -1,0 +1,80 @@
+"""Assembles the service: `create_app(settings)` and the lifespan that loads the models.
+
+    uvicorn --factory app.main:create_app      (what `lyrics serve` and `make run` start)
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+
+import anyio
+from fastapi import FastAPI
+from fastapi.responses import RedirectResponse
+
+from app import errors
+from app.engine import Engine
+from app.metrics import Metrics
+from app.middleware import BodyLimit, RequestMetrics
+from app.routes import generate, health, models, perplexity
+from app.served import StartupError, load_models
+from app.settings import Settings
+
+log = logging.getLogger("app")
+
+DESCRIPTION = """Character-level RNN, GRU and LSTM language models that write lyrics.
+
+Every error is `{"error": {"type", "message", "details"?}}`: 404 for an unknown model or
+path, 422 for an invalid field (with `details`), 413 for an oversized body, 503 when busy.
+"""
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI):
+    settings: Settings = app.state.settings
+    try:
+        served = await anyio.to_thread.run_sync(load_models, settings)
+    except StartupError as e:
+        log.error("cannot start: %s", e)
+        raise
+    engine = Engine(settings.workers, settings.max_queue, settings.request_timeout_s)
+    engine.start()
+    app.state.models, app.state.engine = served, engine
+    app.state.metrics.watch(engine, len(served.models))
+    log.info("ready: %d model(s) on %s, default %s", len(served.models), served.device, served.default)
+    try:
+        yield
+    finally:
+        app.state.models = None
+        engine.stop()
+
+
+def configure_logging(level: str) -> None:
+    """Our loggers print at `level`; a handler is added only when nothing else (uvicorn, pytest) set one up."""
+    logger = logging.getLogger("app")
+    logger.setLevel(level.upper())
+    if not logger.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s:     %(name)s: %(message)s"))
+        logger.addHandler(handler)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    configure_logging(settings.log_level)
+    app = FastAPI(title="Lyrics RNN", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
+    app.state.settings = settings
+    app.state.metrics = Metrics()
+    errors.install(app)
+    routers = [module.router for module in (generate, perplexity, models, health)]
+    for router in routers:
+        app.include_router(router)
+
+    @app.get("/", include_in_schema=False)
+    async def index() -> RedirectResponse:
+        return RedirectResponse("/docs")
+
+    paths = {route.path for router in routers for route in router.routes} | {"/", "/docs", "/openapi.json"}
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestMetrics, metrics=app.state.metrics, known_paths=paths)
+    return app

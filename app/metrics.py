@@ -1,0 +1,52 @@
+"""Prometheus metrics, in a registry of the app's own (several apps in one process do not clash)."""
+
+from __future__ import annotations
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class Metrics:
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self):
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter("lyrics_http_requests", "HTTP requests by route, method and status code",
+                                ["route", "method", "status"], registry=r)
+        self.latency = Histogram("lyrics_http_request_duration_seconds",
+                                 "Time from request to the last byte of the answer (streams included)",
+                                 ["route", "method"], buckets=LATENCY_BUCKETS, registry=r)
+        self.generated_chars = Counter("lyrics_generated_chars", "Characters generated and sent, by model",
+                                       ["model"], registry=r)
+        self.scored_chars = Counter("lyrics_scored_chars", "Characters scored by /perplexity, by model",
+                                    ["model"], registry=r)
+        self.in_flight = Gauge("lyrics_inflight_sequences", "Sequences being generated now", registry=r)
+        self.queued = Gauge("lyrics_queued_requests", "Generations waiting for a worker", registry=r)
+        self.models_loaded = Gauge("lyrics_models_loaded", "Models loaded and served", registry=r)
+
+    def watch(self, engine, models_loaded: int) -> None:
+        """Read the engine's live counts at scrape time."""
+        self.in_flight.set_function(lambda: engine.in_flight)
+        self.queued.set_function(lambda: engine.queued)
+        self.models_loaded.set(models_loaded)
+        self.registry.register(GenerationOutcomes(engine))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class GenerationOutcomes(Collector):
+    """lyrics_generations_total{outcome}: the engine's finished generations, read at scrape time."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def collect(self):
+        family = CounterMetricFamily("lyrics_generations", "Generations finished, by outcome "
+                                     "(completed, cancelled: the client went away, timeout, error)", labels=["outcome"])
+        for outcome in ("completed", "cancelled", "timeout", "error"):
+            family.add_metric([outcome], self.engine.finished[outcome])
+        return [family]

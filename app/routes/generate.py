@@ -1,0 +1,128 @@
+"""POST /generate: continue a prefix, as one JSON answer or as server-sent events."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter
+from fastapi.responses import StreamingResponse
+
+from app.deps import EngineDep, MetricsDep, ModelsDep, SettingsDep
+from app.engine import EngineBusy, EngineTimeout, Job
+from app.errors import ApiError, error_body, invalid
+from app.inputs import drop_unknown, model_text, unknown_error
+from app.metrics import Metrics
+from app.schemas import Choice, ErrorBody, GenerateRequest, GenerateResponse, GenerateUsage
+from model_store.checkpoint import Checkpoint
+from model_store.generate import Completion, Generation, SamplingParams
+
+log = logging.getLogger("app.generate")
+router = APIRouter(tags=["generate"])
+
+STREAM_DOC = """Continue `prefix` with up to `max_chars` characters, `n` times.
+
+Defaults are greedy (`temperature` 0): the same prefix always gives the same text. With
+`temperature` > 0 the text is sampled; pass `seed` to make it reproducible.
+
+**Streaming** (`"stream": true`) answers `text/event-stream`, one event per generated chunk:
+
+    data: {"index": 0, "text": "的"}
+
+then one `final` event whose data is the whole answer, as without streaming (choices
+with `finish_reason`, `usage`), then the end marker:
+
+    event: final
+    data: {"model": "gru", "prefix": "分开", "text": "...", "choices": [...], "usage": {...}, ...}
+
+    data: [DONE]
+
+A problem after the stream has started (the request deadline) is sent as
+`event: error` with the usual error object, then `data: [DONE]`. A client that
+disconnects stops its generation.
+"""
+
+ERRORS = {404: {"model": ErrorBody, "description": "unknown model"},
+          422: {"model": ErrorBody, "description": "invalid field, limit exceeded, empty prefix or unknown characters"},
+          503: {"model": ErrorBody, "description": "busy (retry after Retry-After seconds) or not ready"},
+          504: {"model": ErrorBody, "description": "the generation ran past LYRICS_REQUEST_TIMEOUT_S"}}
+
+
+@router.post("/generate", response_model=GenerateResponse, summary="Generate lyrics", description=STREAM_DOC,
+             responses={200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}}, **ERRORS})
+async def generate(body: GenerateRequest, models: ModelsDep, engine: EngineDep, settings: SettingsDep,
+                   metrics: MetricsDep):
+    if errors := body.limit_errors(settings):
+        raise invalid(errors)
+    ck = models.get(body.model)
+    prefix, skipped, missing = prepare_prefix(ck, body)
+    params = SamplingParams(body.temperature, body.top_k, body.top_p, body.repetition_penalty)
+    generation = Generation(ck.model, ck.vocab, prefix, body.max_chars, params, body.stop, body.seed, body.n)
+    try:
+        job = engine.submit(generation, stream=body.stream)
+    except EngineBusy as e:
+        raise ApiError(503, "busy", str(e), headers={"Retry-After": "1"}) from e
+    if body.stream:
+        return StreamingResponse(events(job, ck, prefix, skipped, missing, metrics), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    try:
+        completions = await job.wait()
+    except EngineTimeout as e:
+        raise ApiError(504, "timeout", f"{e}: lower max_chars or n (LYRICS_REQUEST_TIMEOUT_S)") from e
+    except EngineBusy as e:
+        raise ApiError(503, "unavailable", str(e)) from e
+    metrics.generated_chars.labels(ck.name).inc(sum(len(c.generated) for c in completions))
+    return answer(ck, prefix, completions, skipped, missing)
+
+
+def prepare_prefix(ck: Checkpoint, body: GenerateRequest) -> tuple[str, int, list[str]]:
+    prefix = model_text(ck, body.prefix)
+    missing = ck.vocab.unknown(prefix)
+    skipped = 0
+    if missing:
+        if body.unknown == "error":
+            raise invalid([unknown_error(ck, missing, ["body", "prefix"])])
+        prefix, skipped = drop_unknown(ck, prefix)
+        if not prefix:
+            raise invalid([{"loc": ["body", "prefix"], "type": "empty_prefix",
+                            "msg": "no character of the prefix is in the model's vocabulary: nothing to continue"}])
+    return prefix, skipped, missing
+
+
+def answer(ck: Checkpoint, prefix: str, completions: list[Completion], skipped: int,
+           missing: list[str]) -> GenerateResponse:
+    choices = [Choice(index=i, text=c.text, generated=c.generated, finish_reason=c.finish_reason, seed=c.seed)
+               for i, c in enumerate(completions)]
+    first = choices[0]
+    return GenerateResponse(model=ck.name, prefix=prefix, text=first.text, generated=first.generated,
+                            finish_reason=first.finish_reason, seed=first.seed, choices=choices,
+                            usage=GenerateUsage(prompt_chars=len(prefix),
+                                                generated_chars=sum(len(c.generated) for c in choices)),
+                            unknown_skipped=skipped, unknown_characters=missing if skipped else [])
+
+
+def sse(data, event: str | None = None) -> str:
+    payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
+    return (f"event: {event}\n" if event else "") + f"data: {payload}\n\n"
+
+
+async def events(job: Job, ck: Checkpoint, prefix: str, skipped: int, missing: list[str],
+                 metrics: Metrics) -> AsyncIterator[str]:
+    deltas = aiter(job)
+    try:
+        async for delta in deltas:
+            metrics.generated_chars.labels(ck.name).inc(len(delta.text))
+            yield sse({"index": delta.index, "text": delta.text})
+        yield sse(answer(ck, prefix, job.generation.completions, skipped, missing).model_dump(), event="final")
+    except EngineTimeout as e:
+        yield sse(error_body("timeout", f"{e}: lower max_chars or n (LYRICS_REQUEST_TIMEOUT_S)"), event="error")
+    except EngineBusy as e:
+        yield sse(error_body("unavailable", str(e)), event="error")
+    except Exception:
+        log.exception("generation failed while streaming")
+        yield sse(error_body("internal_error", "the generation failed; it has been logged"), event="error")
+    finally:
+        await deltas.aclose()
+        job.stop()
+    yield sse("[DONE]")

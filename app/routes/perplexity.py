@@ -1,0 +1,78 @@
+"""POST /perplexity: how well a model predicts a text (or each of several)."""
+
+from __future__ import annotations
+
+import math
+
+from fastapi import APIRouter
+
+from app.deps import EngineDep, MetricsDep, ModelsDep, SettingsDep
+from app.engine import EngineBusy
+from app.errors import ApiError, invalid
+from app.inputs import drop_unknown, model_text, unknown_error
+from app.schemas import ErrorBody, PerplexityRequest, PerplexityResponse, TextScore
+from model_store.checkpoint import Checkpoint, finite_or_none
+from model_store.scoring import score_text
+
+router = APIRouter(tags=["perplexity"])
+
+DOC = """Perplexity = exp(mean cross-entropy) of each text under the model, the state carried
+through the whole text: every character after the first is predicted from all before it.
+Lower is better; a model that guessed uniformly would score its vocabulary size.
+`text` may be a list: each text gets its own entry in `results`, and the top-level numbers
+are over all scored characters together."""
+
+
+ERRORS = {404: {"model": ErrorBody, "description": "unknown model"},
+          422: {"model": ErrorBody, "description": "invalid field, limit exceeded, short text or unknown characters"},
+          503: {"model": ErrorBody, "description": "busy (retry after Retry-After seconds) or not ready"}}
+
+
+@router.post("/perplexity", response_model=PerplexityResponse, summary="Score a text", description=DOC,
+             responses=ERRORS)
+async def perplexity(body: PerplexityRequest, models: ModelsDep, engine: EngineDep, settings: SettingsDep,
+                     metrics: MetricsDep) -> PerplexityResponse:
+    if errors := body.limit_errors(settings):
+        raise invalid(errors)
+    ck = models.get(body.model)
+    texts, missing = prepare_texts(ck, body)
+    try:
+        scores = await engine.run(score_all, ck, texts, body.unknown)
+    except EngineBusy as e:
+        raise ApiError(503, "busy", str(e), headers={"Retry-After": "1"}) from e
+    results = [TextScore(index=i, perplexity=finite_or_none(s.perplexity), cross_entropy=s.cross_entropy,
+                         bits_per_char=s.bits_per_char, chars_scored=s.chars_scored, unknown_skipped=s.unknown_skipped,
+                         unknown_characters=missing[i] if s.unknown_skipped else [])
+               for i, s in enumerate(scores)]
+    chars = sum(s.chars_scored for s in scores)
+    ce = sum(s.cross_entropy * s.chars_scored for s in scores) / chars
+    metrics.scored_chars.labels(ck.name).inc(chars)
+    return PerplexityResponse(model=ck.name, unknown=body.unknown, results=results,
+                              perplexity=finite_or_none(math.exp(ce) if ce < 700 else math.inf), cross_entropy=ce,
+                              bits_per_char=ce / math.log(2), chars_scored=chars,
+                              unknown_skipped=sum(s.unknown_skipped for s in scores),
+                              unknown_characters=list(dict.fromkeys(c for r in results for c in r.unknown_characters)))
+
+
+def prepare_texts(ck: Checkpoint, body: PerplexityRequest) -> tuple[list[str], list[list[str]]]:
+    """The texts as the model reads them, and each one's unknown characters; 422 for what cannot be scored."""
+    texts, missing, errors = [], [], []
+    for i, text in enumerate(body.texts):
+        loc = ["body", "text"] + ([i] if isinstance(body.text, list) else [])
+        text = model_text(ck, text)
+        unknown = ck.vocab.unknown(text)
+        if unknown and body.unknown == "error":
+            errors.append(unknown_error(ck, unknown, loc))
+        elif len(drop_unknown(ck, text)[0]) < 2:
+            what = "after dropping unknown characters, " if unknown else ""
+            errors.append({"loc": loc, "type": "too_short",
+                           "msg": f"{what}the text has fewer than two characters: nothing to predict"})
+        texts.append(text)
+        missing.append(unknown)
+    if errors:
+        raise invalid(errors)
+    return texts, missing
+
+
+def score_all(ck: Checkpoint, texts: list[str], unknown: str):
+    return [score_text(ck.model, ck.vocab, t, unknown=unknown) for t in texts]

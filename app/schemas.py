@@ -1,0 +1,236 @@
+"""Request and response bodies, with the ranges, defaults and examples the OpenAPI page shows.
+
+Fixed ranges live here; the limits an operator can change (LYRICS_MAX_*) are checked by
+`limit_errors` after parsing, with the same 422 shape.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_core import PydanticCustomError
+
+from app.settings import Settings
+
+Unknown = Literal["error", "skip"]
+UNKNOWN_HELP = ("characters outside the model's vocabulary: 'error' answers 422 naming them; 'skip' drops them "
+                "and reports them in unknown_characters")
+MAX_SEED = 2**53 - 1  # exact in every JSON client
+
+
+class StrictBody(BaseModel):
+    """Unknown fields, NaN and infinity are errors, not silently accepted."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class GenerateRequest(StrictBody):
+    """Continue a prefix, character by character."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"prefix": "分开"},
+        {"prefix": "分开", "max_chars": 80, "temperature": 0.8, "top_k": 20, "seed": 7, "n": 2},
+        {"prefix": "分开", "max_chars": 100, "temperature": 0.7, "stop": ["\n"], "stream": True},
+    ]})
+
+    prefix: str = Field(max_length=1_000_000, examples=["分开"], description=(
+        "text to continue: at least one character (the model needs a character to start from), at most "
+        "LYRICS_MAX_PREFIX_CHARS. For models trained with newlines='space', newlines become spaces."))
+    model: str | None = Field(None, max_length=200, examples=["gru"],
+                              description="a name from GET /models; default: the service's default model")
+    max_chars: int = Field(50, ge=0, le=1_000_000, description=(
+        "characters to generate at most, up to LYRICS_MAX_NEW_CHARS (omitted: 50, or that limit if lower)"))
+    temperature: float = Field(0.0, ge=0.0, le=100.0, description="0: greedy (always the likeliest character, "
+                                                                   "as the tutorial's predict); higher: more random")
+    top_k: int = Field(0, ge=0, le=1_000_000, description="sample among the k likeliest characters (0: no limit)")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling: the smallest set of characters "
+                                                          "whose probability reaches top_p (1: no limit)")
+    repetition_penalty: float = Field(1.0, gt=0.0, le=100.0, description="> 1 makes characters already in the "
+                                                                          "text less likely (1: off)")
+    stop: list[str] = Field([], max_length=1000, examples=[["\n"]], description=(
+        "stop as soon as one of these strings is generated; it is not included in the text "
+        "(at most LYRICS_MAX_STOP strings of LYRICS_MAX_STOP_CHARS characters)"))
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description=(
+        "seed for sampled text (temperature > 0): the same seed gives the same text. Choice i uses seed + i. "
+        "Omitted: a random seed, returned in the answer"))
+    n: int = Field(1, ge=1, le=1000, description="number of continuations (up to LYRICS_MAX_N)")
+    stream: bool = Field(False, description="answer with server-sent events as the text is generated")
+    unknown: Unknown = Field("error", description=UNKNOWN_HELP)
+
+    @field_validator("prefix")
+    @classmethod
+    def prefix_not_empty(cls, prefix: str) -> str:
+        if not prefix:
+            raise PydanticCustomError("empty_prefix", "a prefix needs at least one character: the model "
+                                                      "continues text, it cannot start from nothing")
+        return prefix
+
+    @field_validator("stop")
+    @classmethod
+    def stop_strings_bounded(cls, stop: list[str]) -> list[str]:
+        if any(len(s) > 10_000 for s in stop):
+            raise PydanticCustomError("stop_too_long", "stop strings must be at most 10000 characters")
+        return stop
+
+    def limit_errors(self, settings: Settings) -> list[dict]:
+        """Problems with the operator's limits. An omitted max_chars is lowered to the limit, not an error."""
+        if "max_chars" not in self.model_fields_set:
+            self.max_chars = min(self.max_chars, settings.max_new_chars)
+        checks = [
+            ("prefix", len(self.prefix) <= settings.max_prefix_chars,
+             f"the prefix has {len(self.prefix)} characters; the limit is {settings.max_prefix_chars}"),
+            ("max_chars", self.max_chars <= settings.max_new_chars,
+             f"must be at most {settings.max_new_chars}"),
+            ("n", self.n <= settings.max_n, f"must be at most {settings.max_n}"),
+            ("stop", len(self.stop) <= settings.max_stop, f"at most {settings.max_stop} stop strings"),
+            ("stop", all(len(s) <= settings.max_stop_chars for s in self.stop),
+             f"each stop string must be at most {settings.max_stop_chars} characters"),
+        ]
+        return [{"loc": ["body", field], "msg": msg, "type": "limit_exceeded"} for field, ok, msg in checks if not ok]
+
+
+class Choice(BaseModel):
+    index: int
+    text: str = Field(description="prefix + generated")
+    generated: str = Field(description="the new characters only")
+    finish_reason: Literal["length", "stop"] = Field(description="'length': max_chars reached; 'stop': a stop "
+                                                                 "string was generated")
+    seed: int | None = Field(description="the seed that reproduces this choice (null for greedy)")
+
+
+class GenerateUsage(BaseModel):
+    prompt_chars: int
+    generated_chars: int = Field(description="over all choices")
+
+
+class GenerateResponse(BaseModel):
+    """Choice 0's text, generated, finish_reason and seed are repeated at the top level."""
+
+    model: str
+    prefix: str = Field(description="the prefix as the model read it (newlines or unknown characters handled)")
+    text: str
+    generated: str
+    finish_reason: Literal["length", "stop"]
+    seed: int | None
+    choices: list[Choice]
+    usage: GenerateUsage
+    unknown_skipped: int = Field(0, description="characters dropped from the prefix (unknown='skip')")
+    unknown_characters: list[str] = Field([], description="the distinct characters dropped")
+
+
+class StreamChunk(BaseModel):
+    """One server-sent event per generated chunk."""
+
+    index: int = Field(description="the choice this text belongs to")
+    text: str
+
+
+class PerplexityRequest(StrictBody):
+    """Score how well a model predicts a text (or several)."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"text": "分开的爱 我不要"},
+        {"text": ["分开的爱", "我不要 再想你"], "model": "gru", "unknown": "skip"},
+    ]})
+
+    text: str | list[str] = Field(description=(
+        "a text, or a list of texts (at most LYRICS_MAX_TEXTS), each of at least two characters and at most "
+        "LYRICS_MAX_TEXT_CHARS: the first character is only read, every later one is predicted"))
+    model: str | None = Field(None, max_length=200, description="a name from GET /models; default: the default model")
+    unknown: Unknown = Field("error", description=UNKNOWN_HELP)
+
+    @property
+    def texts(self) -> list[str]:
+        return [self.text] if isinstance(self.text, str) else self.text
+
+    def limit_errors(self, settings: Settings) -> list[dict]:
+        errors = []
+        if isinstance(self.text, list) and not self.text:
+            errors.append({"loc": ["body", "text"], "msg": "the list of texts is empty", "type": "too_short"})
+        if len(self.texts) > settings.max_texts:
+            errors.append({"loc": ["body", "text"], "msg": f"at most {settings.max_texts} texts per request",
+                           "type": "limit_exceeded"})
+        for i, t in enumerate(self.texts[: settings.max_texts]):
+            loc = ["body", "text"] + ([i] if isinstance(self.text, list) else [])
+            if len(t) > settings.max_text_chars:
+                errors.append({"loc": loc, "msg": f"the text has {len(t)} characters; the limit is "
+                                                  f"{settings.max_text_chars}", "type": "limit_exceeded"})
+        return errors
+
+
+class Score(BaseModel):
+    perplexity: float | None = Field(description="exp(cross_entropy); null if it overflows")
+    cross_entropy: float = Field(description="mean nats per scored character")
+    bits_per_char: float
+    chars_scored: int = Field(description="every character but the first")
+    unknown_skipped: int = Field(0, description="characters dropped (unknown='skip')")
+    unknown_characters: list[str] = Field([], description="the distinct characters dropped")
+
+
+class TextScore(Score):
+    index: int
+
+
+class PerplexityResponse(Score):
+    """The top-level numbers are over all texts together (for one text: that text's)."""
+
+    model: str
+    unknown: Unknown
+    results: list[TextScore]
+
+
+class ModelInfo(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    name: str
+    default: bool
+    cell: str
+    hidden_size: int
+    num_layers: int
+    embed_size: int
+    vocab_size: int
+    parameters: int
+    newlines: str = Field(description="'keep': the model writes line breaks; 'space': newlines become spaces")
+    impl: str = Field(description="'scratch' (per-step equations) or 'fused' (torch.nn RNN/GRU/LSTM)")
+    device: str
+    dtype: str
+    train_perplexity: float | None
+    val_perplexity: float | None
+    training: dict[str, Any] = Field(description="the training summary stored in the checkpoint")
+
+
+class ModelList(BaseModel):
+    default: str
+    models: list[ModelInfo]
+
+
+class Health(BaseModel):
+    status: str
+
+
+class Ready(BaseModel):
+    status: str
+    default: str
+    models: list[str]
+    device: str
+
+
+class ErrorDetail(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    loc: list[str | int] = Field(description="where: ['body', field, index...]")
+    msg: str
+    type: str
+
+
+class ErrorInfo(BaseModel):
+    type: str = Field(examples=["validation_error"], description="stable machine-readable kind")
+    message: str = Field(description="what went wrong and what to change")
+    details: list[ErrorDetail] | None = Field(None, description="one entry per invalid field")
+
+
+class ErrorBody(BaseModel):
+    """Every 4xx and 5xx answer."""
+
+    error: ErrorInfo

@@ -1,0 +1,43 @@
+"""Every setting of the service, read from LYRICS_* environment variables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from model_store.registry import BUNDLED_DIR
+
+
+class Settings(BaseSettings):
+    """`Settings()` reads the environment; tests pass values directly."""
+
+    model_config = SettingsConfigDict(env_prefix="LYRICS_", extra="ignore")
+
+    model_dir: Path = Field(BUNDLED_DIR, description="directory of .safetensors checkpoints to serve")
+    device: str = Field("auto", description="auto (CUDA when available, else CPU), cpu, cuda or cuda:N")
+    default_model: str | None = Field(None, description="model used when a request names none "
+                                                        "(default: lowest validation perplexity)")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+
+    max_prefix_chars: int = Field(2000, ge=1, description="longest prefix accepted by /generate")
+    max_new_chars: int = Field(2000, ge=1, description="largest max_chars accepted by /generate")
+    max_n: int = Field(8, ge=1, description="most continuations per /generate request")
+    max_stop: int = Field(8, ge=0, description="most stop strings per request")
+    max_stop_chars: int = Field(64, ge=1, description="longest stop string")
+    max_texts: int = Field(32, ge=1, description="most texts per /perplexity request")
+    max_text_chars: int = Field(100_000, ge=2, description="longest text accepted by /perplexity")
+    max_body_bytes: int = Field(1_000_000, ge=1024, description="largest request body, in bytes (413 above)")
+    request_timeout_s: float = Field(60.0, gt=0, description="longest a generation may run, queue time included, "
+                                                             "before it is stopped (504, or an error event if streaming)")
+    workers: int = Field(4, ge=1, description="requests computed at once (threads); more wait in the queue")
+    max_queue: int = Field(64, ge=0, description="requests waiting for a worker before new ones get 503")
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def lower_case_level(cls, value):
+        return value.lower() if isinstance(value, str) else value

@@ -1,0 +1,164 @@
+"""GPU check: run where a CUDA device is present (no GPU is needed anywhere else).
+
+Trains a small model on CUDA for a few epochs, generates on CUDA, checks that CUDA and
+CPU logits agree within tolerance, that a CUDA-trained checkpoint loads on a CPU, and
+that the scratch and fused implementations agree on CUDA, and that the web service started
+with LYRICS_DEVICE=cuda answers /generate and /perplexity as the CPU service does
+(`check_app`). Prints one JSON summary; exits 1 on any failed check and 2 when no CUDA
+device is present.
+
+    python scripts/gpu_check.py
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from app.main import create_app  # noqa: E402
+from app.settings import Settings  # noqa: E402
+from model_store.checkpoint import load_checkpoint  # noqa: E402
+from model_store.generate import generate  # noqa: E402
+from model_store.registry import BUNDLED_DIR, load_directory  # noqa: E402
+from training.train import TrainConfig, train  # noqa: E402
+
+TEXT = "窗外的麻雀 在电线杆上多嘴\n你说这一句 很有夏天的感觉\n手中的铅笔 在纸上来来回回\n" * 40
+
+APP_PREFIXES = ["窗外", "你说这一句", "手中的铅笔\n"]
+APP_TEXTS = [TEXT[:200], "在电线杆上多嘴", "很有夏天的感觉\n手中的铅笔"]
+
+
+async def post(client: httpx.AsyncClient, path: str, body: dict) -> dict:
+    r = await client.post(path, json=body)
+    if r.status_code != 200:
+        raise RuntimeError(f"{path} answered {r.status_code}: {r.text[:300]}")
+    return r.json()
+
+
+async def app_answers(model_dir: Path, device: str) -> dict:
+    """Start the app (lifespan included) on `device` and collect its answers for every model."""
+    app = create_app(Settings(model_dir=model_dir, device=device, max_new_chars=200))
+    async with app.router.lifespan_context(app), httpx.AsyncClient(
+            transport=httpx.ASGITransport(app), base_url="http://gpu-check", timeout=120) as client:
+        models = (await client.get("/models")).json()["models"]
+        answers = {"devices": {m["name"]: m["device"] for m in models}}
+        for m in models:
+            name, common = m["name"], {"model": m["name"], "unknown": "skip"}
+            answers[name] = {
+                "greedy": [await post(client, "/generate", {"prefix": p, "max_chars": 100, **common})
+                           for p in APP_PREFIXES],
+                "sampled": await post(client, "/generate", {"prefix": APP_PREFIXES[0], "n": 3, "max_chars": 60,
+                                                            "temperature": 0.8, "seed": 7, **common}),
+                "perplexity": await post(client, "/perplexity", {"text": APP_TEXTS, **common}),
+            }
+        return answers
+
+
+def top2_gap(ck, text: str) -> float:
+    """The gap between the two likeliest next characters after `text` (a near-tie may flip on another device)."""
+    with torch.no_grad():
+        logits, _ = ck.model(torch.tensor([ck.vocab.encode(text)], device=ck.model.dense.weight.device))
+    top = logits[0, -1].float().topk(2).values
+    return float(top[0] - top[1])
+
+
+def check_app(model_dir: Path, device: str = "cuda", reference: str = "cpu", rel_tol: float = 1e-4,
+              tie: float = 1e-3) -> tuple[dict, list]:
+    """The service on `device` against the service on `reference`: greedy text equal (unless it parts at
+    a near-tie), perplexities within `rel_tol`, every model served on `device`. Sampled text is reported,
+    not required to be equal (a uniform draw near a boundary may fall either way on another device)."""
+    try:
+        got, want = asyncio.run(app_answers(model_dir, device)), asyncio.run(app_answers(model_dir, reference))
+    except Exception as e:  # reported as a failed check
+        return {"error": repr(e)}, [f"app on {device}: {e!r}"]
+    failures, summary = [], {}
+    expected_device = "cuda:0" if device == "cuda" else str(torch.device(device))
+    for name, served_on in got["devices"].items():
+        if served_on != expected_device:
+            failures.append(f"app {name}: served on {served_on}, expected {expected_device}")
+        g, w = got[name], want[name]
+        worst = max(abs(a["perplexity"] - b["perplexity"]) / b["perplexity"]
+                    for a, b in zip(g["perplexity"]["results"], w["perplexity"]["results"], strict=True))
+        summary[name] = {"device": served_on, "perplexity_max_rel_diff": worst, "greedy_equal": True,
+                         "sampled_equal": [c["text"] for c in g["sampled"]["choices"]] ==
+                                          [c["text"] for c in w["sampled"]["choices"]],
+                         "sample": g["greedy"][0]["text"]}
+        if not math.isfinite(worst) or worst > rel_tol:
+            failures.append(f"app {name}: /perplexity on {device} differs from {reference} by {worst:.2e}")
+        for a, b in zip(g["greedy"], w["greedy"], strict=True):
+            if a["text"] == b["text"]:
+                continue
+            summary[name]["greedy_equal"] = False
+            common = next((i for i, (x, y) in enumerate(zip(a["text"], b["text"], strict=False)) if x != y),
+                          min(len(a["text"]), len(b["text"])))
+            gap = top2_gap(load_checkpoint(model_dir / f"{name}.safetensors"), a["text"][:common])
+            summary[name]["greedy_parts_at_gap"] = gap
+            if gap > tie:
+                failures.append(f"app {name}: greedy /generate on {device} differs from {reference} after "
+                                f"{a['text'][:common]!r} (top-2 logit gap {gap:.2e}, not a tie)")
+    return summary, failures
+
+
+def main() -> int:
+    if not torch.cuda.is_available():
+        print(json.dumps({"ok": False, "reason": "no CUDA device"}))
+        return 2
+    checks: dict[str, object] = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__}
+    failures = []
+    with tempfile.TemporaryDirectory() as tmp:
+        corpus = Path(tmp) / "corpus.txt"
+        corpus.write_text(TEXT, encoding="utf-8")
+        for cell in ("rnn", "gru", "lstm"):
+            out = Path(tmp) / f"{cell}.safetensors"
+            t0 = time.perf_counter()
+            result = train(TrainConfig(corpus=str(corpus), cell=cell, out=str(out), hidden_size=64, embed_size=32,
+                                       num_layers=2, epochs=8, batch_size=8, num_steps=20, lr=1e-2, device="cuda",
+                                       progress=False, sample_every=0), log=lambda _: None)
+            gpu = load_checkpoint(out, device="cuda")
+            cpu = load_checkpoint(out, device="cpu")
+            ids = torch.tensor([gpu.vocab.encode(TEXT[:300])])
+            with torch.no_grad():
+                logits_gpu = gpu.model(ids.cuda())[0].cpu()
+                logits_cpu = cpu.model(ids)[0]
+                gpu.model.impl = "scratch"
+                logits_scratch = gpu.model(ids.cuda())[0].cpu()
+            diff = (logits_gpu - logits_cpu).abs().max().item()
+            impl_diff = (logits_gpu - logits_scratch).abs().max().item()
+            text_gpu = generate(gpu.model, gpu.vocab, "窗外", 40)[0].text
+            text_cpu = generate(cpu.model, cpu.vocab, "窗外", 40)[0].text
+            checks[cell] = {"train_seconds": round(time.perf_counter() - t0, 2),
+                            "train_perplexity": result.final_train_perplexity,
+                            "val_perplexity": result.best_val_perplexity,
+                            "max_abs_logit_diff_cuda_vs_cpu": diff, "max_abs_logit_diff_fused_vs_scratch": impl_diff,
+                            "greedy_cuda_equals_cpu": text_gpu == text_cpu, "sample": text_gpu}
+            if diff > 1e-3 or impl_diff > 1e-3:
+                failures.append(f"{cell}: logits differ (cuda vs cpu {diff:.2e}, fused vs scratch {impl_diff:.2e})")
+            if result.final_train_perplexity > 20:
+                failures.append(f"{cell}: did not learn (train perplexity {result.final_train_perplexity:.1f})")
+        checks["app"], app_failures = check_app(Path(tmp))
+        failures += app_failures
+    bundled = load_directory(BUNDLED_DIR, device="cuda")
+    if bundled.models:
+        ck = bundled.models[bundled.default]
+        checks["bundled_default"] = {"name": ck.name, "sample": generate(ck.model, ck.vocab, "分开", 30)[0].text}
+        checks["app_bundled"], app_failures = check_app(BUNDLED_DIR)
+        failures += app_failures
+    checks["failures"] = failures
+    checks["ok"] = not failures
+    print(json.dumps(checks, ensure_ascii=False, indent=2))
+    return 0 if not failures else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

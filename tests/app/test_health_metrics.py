@@ -1,0 +1,124 @@
+"""Liveness, readiness, Prometheus metrics, the OpenAPI page and the settings."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+from api_helpers import assert_error, metric
+
+from app.main import create_app
+from app.settings import Settings
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_healthz(client):
+    r = await client.get("/healthz")
+    assert r.status_code == 200 and r.json() == {"status": "ok"}
+
+
+async def test_readyz_names_the_models_and_device(client):
+    r = await client.get("/readyz")
+    assert r.status_code == 200
+    assert r.json() == {"status": "ready", "default": "gru", "models": ["gru", "rnn"], "device": "cpu"}
+
+
+async def test_before_startup_alive_but_not_ready(settings):
+    app = create_app(settings)  # lifespan not run: nothing loaded
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://test") as client:
+        assert (await client.get("/healthz")).status_code == 200
+        r = await client.get("/readyz")
+        assert_error(r, 503, "not_ready")
+        assert r.headers["retry-after"] == "1"
+        assert_error(await client.post("/generate", json={"prefix": "分开"}), 503, "not_ready")
+        assert_error(await client.get("/models"), 503, "not_ready")
+
+
+async def test_after_shutdown_not_ready(settings):
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        pass
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://test") as client:
+        assert_error(await client.get("/readyz"), 503, "not_ready")
+
+
+async def test_metrics_count_requests_latency_and_characters(client):
+    await client.post("/generate", json={"prefix": "分开", "max_chars": 20})
+    await client.post("/generate", json={"prefix": "分开", "max_chars": 5, "n": 2, "stream": True})
+    await client.post("/generate", json={"prefix": ""})
+    await client.post("/perplexity", json={"text": "分开的爱"})
+    await client.get("/no/such/path")
+    await client.post("/generate", content=b"{}" + b" " * 2_000_000, headers={"content-type": "application/json"})
+    r = await client.get("/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    text = r.text
+    assert metric(text, "lyrics_http_requests_total", route="/generate", method="POST", status="200") == 2
+    assert metric(text, "lyrics_http_requests_total", route="/generate", method="POST", status="422") == 1
+    assert metric(text, "lyrics_http_requests_total", route="/generate", method="POST", status="413") == 1
+    assert metric(text, "lyrics_http_requests_total", route="/perplexity", method="POST", status="200") == 1
+    assert metric(text, "lyrics_http_requests_total", route="other", method="GET", status="404") == 1
+    assert metric(text, "lyrics_http_request_duration_seconds_count", route="/generate", method="POST") == 4
+    assert metric(text, "lyrics_http_request_duration_seconds_bucket", route="/generate", method="POST",
+                  le="+Inf") == 4
+    assert metric(text, "lyrics_generated_chars_total", model="gru") == 30
+    assert metric(text, "lyrics_scored_chars_total", model="gru") == 3
+    assert metric(text, "lyrics_generations_total", outcome="completed") == 2
+    assert metric(text, "lyrics_inflight_sequences") == 0
+    assert metric(text, "lyrics_queued_requests") == 0
+    assert metric(text, "lyrics_models_loaded") == 2
+
+
+async def test_each_app_has_its_own_metrics(make_client, settings, client):
+    async with make_client(settings) as (_, other):
+        await other.post("/generate", json={"prefix": "分开", "max_chars": 3})
+        assert metric((await other.get("/metrics")).text, "lyrics_generated_chars_total", model="gru") == 3
+        assert metric((await client.get("/metrics")).text, "lyrics_generated_chars_total", model="gru") == 0
+
+
+async def test_docs_and_openapi_document_every_field_with_defaults(client):
+    docs = await client.get("/docs")
+    assert docs.status_code == 200 and "swagger" in docs.text.lower()
+    assert (await client.get("/", follow_redirects=False)).headers["location"] == "/docs"
+    spec = (await client.get("/openapi.json")).json()
+    assert {"/generate", "/perplexity", "/models", "/models/{name}", "/healthz", "/readyz", "/metrics"} <= set(
+        spec["paths"])
+    schema = spec["components"]["schemas"]["GenerateRequest"]
+    props = schema["properties"]
+    assert set(props) == {"prefix", "model", "max_chars", "temperature", "top_k", "top_p", "repetition_penalty",
+                          "stop", "seed", "n", "stream", "unknown"}
+    defaults = {"max_chars": 50, "temperature": 0.0, "top_k": 0, "top_p": 1.0, "repetition_penalty": 1.0,
+                "stop": [], "seed": None, "n": 1, "stream": False, "unknown": "error"}
+    assert {k: props[k].get("default") for k in defaults} == defaults  # null defaults are left out
+    assert all(props[k].get("description") for k in props), "every field is described"
+    assert schema["examples"][0] == {"prefix": "分开"}
+    assert props["top_p"]["exclusiveMinimum"] == 0 and props["temperature"]["maximum"] == 100
+    generate = spec["paths"]["/generate"]["post"]
+    assert "text/event-stream" in generate["responses"]["200"]["content"]
+    assert "data: [DONE]" in generate["description"]
+    for status in ("404", "422", "503"):
+        assert generate["responses"][status]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorBody")
+    assert all(spec["components"]["schemas"]["PerplexityRequest"]["properties"][k].get("description")
+               for k in ("text", "model", "unknown"))
+
+
+def test_settings_come_from_lyrics_environment_variables(monkeypatch, tmp_path):
+    for name, value in {"MODEL_DIR": str(tmp_path), "DEVICE": "cpu", "DEFAULT_MODEL": "gru", "HOST": "0.0.0.0",
+                        "PORT": "9001", "MAX_PREFIX_CHARS": "10", "MAX_NEW_CHARS": "20", "MAX_N": "3",
+                        "MAX_BODY_BYTES": "4096", "MAX_TEXTS": "4", "MAX_TEXT_CHARS": "99",
+                        "REQUEST_TIMEOUT_S": "2.5", "LOG_LEVEL": "DEBUG", "WORKERS": "2", "MAX_QUEUE": "5"}.items():
+        monkeypatch.setenv(f"LYRICS_{name}", value)
+    s = Settings()
+    assert (s.model_dir, s.device, s.default_model, s.host, s.port) == (tmp_path, "cpu", "gru", "0.0.0.0", 9001)
+    assert (s.max_prefix_chars, s.max_new_chars, s.max_n, s.max_body_bytes, s.max_texts, s.max_text_chars) == (
+        10, 20, 3, 4096, 4, 99)
+    assert (s.request_timeout_s, s.log_level, s.workers, s.max_queue) == (2.5, "debug", 2, 5)
+
+
+def test_settings_defaults(monkeypatch):
+    from model_store.registry import BUNDLED_DIR
+
+    for name in list(__import__("os").environ):
+        if name.startswith("LYRICS_"):
+            monkeypatch.delenv(name)
+    s = Settings()
+    assert (s.model_dir, s.device, s.default_model, s.host, s.port) == (BUNDLED_DIR, "auto", None, "127.0.0.1", 8000)
