@@ -113,6 +113,12 @@ def test_atomic_write_replaces_the_file_and_leaves_no_temp_files(tmp_path):
     assert sorted(p.name for p in path.parent.iterdir()) == ["file.bin"]
 
 
+def test_written_files_are_readable_by_other_users(tmp_path):
+    path = tmp_path / "m.bin"
+    atomic_write_bytes(path, b"x")
+    assert path.stat().st_mode & 0o777 == 0o644
+
+
 def test_a_failed_write_keeps_the_old_file_and_removes_its_temp_file(tmp_path, monkeypatch):
     path = tmp_path / "file.bin"
     atomic_write_bytes(path, b"old")
