@@ -139,14 +139,15 @@ class CharLM(nn.Module):
                               getattr(self.rnn, f"bias_ih_l{layer}"))
             H, C = h_all[layer], (c_all[layer] if c_all is not None else None)
             outputs = []
-            for t in range(inputs.shape[1]):
-                hg = torch.addmm(b_hh, H, w_hh.t())
+            # unbind, not xg[:, t]: indexing would make backward zero-fill all of xg once per step
+            for x_t in xg.unbind(1):
+                hg = F.linear(H, w_hh, b_hh)  # H @ W_hh + b_h
                 if cell == "rnn":
-                    H = rnn_cell(xg[:, t], hg)
+                    H = rnn_cell(x_t, hg)
                 elif cell == "gru":
-                    H = gru_cell(xg[:, t], hg, H)
+                    H = gru_cell(x_t, hg, H)
                 else:
-                    H, C = lstm_cell(xg[:, t], hg, C)
+                    H, C = lstm_cell(x_t, hg, C)
                 outputs.append(H)
             layer_input = torch.stack(outputs, dim=1)
             h_out.append(H)

@@ -64,6 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--optimizer", default="adam", choices=["sgd", "adam"], help="optimizer")
     t.add_argument("--clip", type=float, default=1.0, help="global gradient-norm clipping threshold (0: off)")
     t.add_argument("--weight-decay", type=float, default=0.0, help="L2 weight decay")
+    t.add_argument("--init-std", type=float, default=0.0,
+                   help="0: torch's default initialisation; S > 0: weights from N(0, S) and zero biases "
+                        "(the tutorial uses 0.01)")
+    t.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                   help="bf16: mixed precision, forward matmuls in bfloat16 (faster on CPUs with AVX512-BF16/AMX and "
+                        "on GPUs); weights, optimizer and loss stay float32")
     t.add_argument("--sampling", default="consecutive", choices=["random", "consecutive"],
                    help="random: shuffled examples, fresh state per batch; consecutive: state carried")
     t.add_argument("--val-frac", type=float, default=0.1, help="last fraction of the corpus held out for validation")

@@ -38,7 +38,8 @@ from training.corpus import Corpus, CorpusError, load_corpus
 DEFAULT_LR = {"sgd": 100.0, "adam": 1e-3}  # sgd: the tutorial's 1e2 for its scratch RNN
 # options a resumed run must share with the run it continues, or it would not be the same run
 RESUME_FIXED = ("cell", "hidden_size", "num_layers", "embed_size", "dropout", "num_steps", "batch_size", "lr",
-                "optimizer", "clip", "weight_decay", "sampling", "val_frac", "newlines", "max_chars", "seed")
+                "optimizer", "clip", "weight_decay", "init_std", "precision", "sampling", "val_frac", "newlines",
+                "max_chars", "seed")
 
 
 @dataclass
@@ -60,6 +61,8 @@ class TrainConfig:
     optimizer: str = "adam"
     clip: float = 1.0
     weight_decay: float = 0.0
+    init_std: float = 0.0  # > 0: weights drawn from N(0, init_std), biases zero (the tutorial's 0.01)
+    precision: str = "fp32"  # bf16: forward matmuls in bfloat16 (autocast), weights and loss in float32
     sampling: str = "consecutive"
     val_frac: float = 0.1
     newlines: str = "keep"
@@ -103,6 +106,23 @@ def make_optimizer(cfg: TrainConfig, model: CharLM) -> torch.optim.Optimizer:
     raise ValueError(f"optimizer must be 'sgd' or 'adam', not {cfg.optimizer!r}")
 
 
+def setup(cfg: TrainConfig, corpus: Corpus, device: torch.device) -> tuple[CharLM, torch.optim.Optimizer, random.Random]:
+    """The seeded model, its optimizer and the sampler's random stream, in the order a run makes them."""
+    torch.manual_seed(cfg.seed)
+    rng = random.Random(cfg.seed)
+    config = ModelConfig(cell=cfg.cell, vocab_size=len(corpus.vocab), hidden_size=cfg.hidden_size,
+                         num_layers=cfg.num_layers, embed_size=cfg.embed_size, dropout=cfg.dropout)
+    model = CharLM(config, impl=cfg.impl)
+    if cfg.init_std > 0:
+        for param in model.parameters():
+            if param.dim() > 1:
+                torch.nn.init.normal_(param, 0.0, cfg.init_std)
+            else:
+                torch.nn.init.zeros_(param)
+    model.to(device)
+    return model, make_optimizer(cfg, model), rng
+
+
 def clip_gradients(params: list[torch.nn.Parameter], theta: float) -> float:
     """Scale all gradients together so their global L2 norm is at most theta; returns the
     norm before clipping. Takes a list: the tutorial's concise loop passed a one-shot
@@ -132,8 +152,10 @@ def train_epoch(model: CharLM, optimizer: torch.optim.Optimizer, corpus: Corpus,
     for X, Y in batches:
         # random: each batch starts from a zero state; consecutive: carry it, cut the graph
         state = None if cfg.sampling == "random" else detach_state(state)
-        logits, state = model(X, state)
-        loss = F.cross_entropy(logits.reshape(-1, vocab_size), Y.reshape(-1))
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+            logits, state = model(X, state)
+        # the loss in float32: a bfloat16 log-softmax over the vocabulary visibly slows convergence
+        loss = F.cross_entropy(logits.float().reshape(-1, vocab_size), Y.reshape(-1))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         norm_sum += clip_gradients(params, cfg.clip)
@@ -159,6 +181,8 @@ def train(cfg: TrainConfig, log=None) -> TrainResult:
     log = log or (lambda msg: tqdm.write(msg, file=sys.stderr))
     if cfg.sampling not in ("random", "consecutive"):
         raise ValueError(f"sampling must be 'random' or 'consecutive', not {cfg.sampling!r}")
+    if cfg.precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision must be 'fp32' or 'bf16', not {cfg.precision!r}")
     if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.num_steps < 1:
         raise ValueError("epochs, batch size and num steps must be positive")
     device = resolve_device(cfg.device)
@@ -168,12 +192,8 @@ def train(cfg: TrainConfig, log=None) -> TrainResult:
                           f"of {cfg.batch_size} x {cfg.num_steps}: lower --batch-size or --num-steps")
     paths = paths_for(cfg.out)
 
-    torch.manual_seed(cfg.seed)
-    rng = random.Random(cfg.seed)
-    config = ModelConfig(cell=cfg.cell, vocab_size=len(corpus.vocab), hidden_size=cfg.hidden_size,
-                         num_layers=cfg.num_layers, embed_size=cfg.embed_size, dropout=cfg.dropout)
-    model = CharLM(config, impl=cfg.impl).to(device)
-    optimizer = make_optimizer(cfg, model)
+    model, optimizer, rng = setup(cfg, corpus, device)
+    config = model.config
     start_epoch, best_val, best_epoch, history, seconds = 0, None, 0, [], 0.0
     if cfg.resume:
         start_epoch, best_val, best_epoch, seconds = load_resume_state(paths["resume"], model, optimizer, rng,

@@ -114,6 +114,36 @@ def test_training_reduces_the_train_perplexity(trained):
     assert trained.result.epochs_run == trained.cfg.epochs
 
 
+@pytest.mark.parametrize("cell,embed", [("rnn", 0), ("gru", 8)])
+def test_bf16_mixed_precision_learns_like_fp32_and_keeps_float32_weights(tmp_path, session_corpus_file,
+                                                                         tiny_train_config, cell, embed):
+    ppl = {}
+    for precision in ("fp32", "bf16"):
+        cfg = tiny_train_config(session_corpus_file, tmp_path / f"{precision}.safetensors", cell=cell, embed_size=embed,
+                                hidden_size=32, num_steps=10, batch_size=8, epochs=6, lr=0.02, precision=precision)
+        result, _ = run(cfg)
+        ppl[precision] = result.final_train_perplexity
+        checkpoint = load_checkpoint(cfg.out)
+        assert all(p.dtype == torch.float32 for p in checkpoint.model.parameters())
+        assert checkpoint.training["options"]["precision"] == precision
+    assert ppl["bf16"] < ppl["fp32"] * 1.15 + 0.05
+    assert ppl["bf16"] < 3.0  # it learnt the periodic corpus, not merely matched a bad run
+
+
+def test_init_std_draws_the_tutorials_normal_weights_and_zero_biases(corpus_file, tiny_train_config, tmp_path):
+    from training.corpus import load_corpus
+    from training.train import setup
+
+    cfg = tiny_train_config(corpus_file, tmp_path / "m.safetensors", hidden_size=64, init_std=0.01)
+    model, _, _ = setup(cfg, load_corpus(cfg.corpus), torch.device("cpu"))
+    weights = torch.cat([p.flatten() for p in model.parameters() if p.dim() > 1])
+    assert weights.std().item() == pytest.approx(0.01, rel=0.05)
+    assert abs(weights.mean().item()) < 1e-3
+    assert all(torch.count_nonzero(p) == 0 for p in model.parameters() if p.dim() == 1)
+    default, _, _ = setup(replace(cfg, init_std=0.0), load_corpus(cfg.corpus), torch.device("cpu"))
+    assert any(torch.count_nonzero(p) > 0 for p in default.parameters() if p.dim() == 1)  # torch's own init
+
+
 def test_metrics_have_one_json_line_per_epoch(trained):
     lines = trained.paths["metrics"].read_text().splitlines()
     assert len(lines) == trained.cfg.epochs
@@ -303,6 +333,7 @@ def one_epoch(tmp_path, corpus_file, tiny_train_config):
     (dict(lr=0.5), "lr was"),
     (dict(batch_size=2), "batch_size was"),
     (dict(sampling="random"), "sampling was"),
+    (dict(precision="bf16"), "precision was"),
 ])
 def test_resuming_with_a_different_configuration_is_rejected(one_epoch, change, message):
     with pytest.raises(ValueError, match="--resume") as info:
@@ -341,7 +372,7 @@ def test_a_corpus_too_short_for_one_batch_is_rejected(tmp_path, tiny_train_confi
     assert not (tmp_path / "m.safetensors").exists()
 
 
-@pytest.mark.parametrize("change", [dict(sampling="shuffled"), dict(epochs=0), dict(batch_size=0),
+@pytest.mark.parametrize("change", [dict(sampling="shuffled"), dict(epochs=0), dict(batch_size=0), dict(precision="fp16"),
                                     dict(num_steps=0), dict(optimizer="rmsprop")])
 def test_invalid_options_are_rejected(tmp_path, corpus_file, tiny_train_config, change):
     with pytest.raises(ValueError):
