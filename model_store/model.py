@@ -3,7 +3,8 @@
 One weight layout, two implementations:
 
 * `scratch` runs the recurrence one time step at a time with the cell equations written
-  out below (the tutorial's formulas, readable line by line).
+  out in cells.py (the tutorial's formulas, readable line by line), and backpropagates
+  through time with their derivatives written out too.
 * `fused` hands the same tensors to torch.nn.RNN/GRU/LSTM (cuDNN on a GPU, ATen's
   C++ loop on a CPU).
 
@@ -30,6 +31,8 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from model_store.cells import Recurrence
 
 GATES = {"rnn": 1, "gru": 3, "lstm": 4}
 IMPLS = ("scratch", "fused")
@@ -137,48 +140,11 @@ class CharLM(nn.Module):
             else:
                 xg = F.linear(self.drop(layer_input), getattr(self.rnn, f"weight_ih_l{layer}"),
                               getattr(self.rnn, f"bias_ih_l{layer}"))
-            H, C = h_all[layer], (c_all[layer] if c_all is not None else None)
-            outputs = []
-            # unbind, not xg[:, t]: indexing would make backward zero-fill all of xg once per step
-            for x_t in xg.unbind(1):
-                hg = F.linear(H, w_hh, b_hh)  # H @ W_hh + b_h
-                if cell == "rnn":
-                    H = rnn_cell(x_t, hg)
-                elif cell == "gru":
-                    H = gru_cell(x_t, hg, H)
-                else:
-                    H, C = lstm_cell(x_t, hg, C)
-                outputs.append(H)
-            layer_input = torch.stack(outputs, dim=1)
+            h0, c0 = h_all[layer], (c_all[layer] if c_all is not None else None)
+            hs, c_last = Recurrence.apply(cell, xg.transpose(0, 1).contiguous(), h0, c0, w_hh, b_hh)
+            layer_input = hs.transpose(0, 1)
+            H, C = hs[-1], (c_last if cell == "lstm" else None)
             h_out.append(H)
             c_out.append(C)
         new_state = (torch.stack(h_out), torch.stack(c_out)) if cell == "lstm" else torch.stack(h_out)
         return layer_input, new_state
-
-
-# Cell equations. `xg` = X_t @ W_x* + b_i*, `hg` = H_{t-1} @ W_h* + b_h*, each holding the
-# gate blocks side by side in torch's order.
-
-def rnn_cell(xg: torch.Tensor, hg: torch.Tensor) -> torch.Tensor:
-    # H_t = tanh(X_t W_xh + H_{t-1} W_hh + b_h)
-    return torch.tanh(xg + hg)
-
-
-def gru_cell(xg: torch.Tensor, hg: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
-    x_r, x_z, x_h = xg.chunk(3, dim=1)
-    h_r, h_z, h_h = hg.chunk(3, dim=1)
-    R = torch.sigmoid(x_r + h_r)  # reset gate
-    Z = torch.sigmoid(x_z + h_z)  # update gate
-    H_tilde = torch.tanh(x_h + R * h_h)  # candidate state
-    return Z * H + (1 - Z) * H_tilde
-
-
-def lstm_cell(xg: torch.Tensor, hg: torch.Tensor, C: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    x_i, x_f, x_c, x_o = xg.chunk(4, dim=1)
-    h_i, h_f, h_c, h_o = hg.chunk(4, dim=1)
-    I = torch.sigmoid(x_i + h_i)  # input gate  # noqa: E741
-    F_ = torch.sigmoid(x_f + h_f)  # forget gate
-    C_tilde = torch.tanh(x_c + h_c)  # candidate memory
-    O = torch.sigmoid(x_o + h_o)  # output gate  # noqa: E741
-    C = F_ * C + I * C_tilde
-    return O * torch.tanh(C), C

@@ -106,17 +106,26 @@ def test_state_carried_across_calls_equals_one_call(make_model, cell):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("cell", ["rnn", "gru", "lstm"])
-def test_scratch_and_fused_give_the_same_gradients(make_model, cell):
-    model = make_model(cell, vocab_size=V, hidden_size=8, num_layers=2, embed_size=5, std=0.4)
+@pytest.mark.parametrize("cell,num_layers", [(c, n) for c in ("rnn", "gru", "lstm") for n in (1, 3)])
+def test_scratch_backpropagation_through_time_equals_autograd_through_torch_nn(make_model, cell, num_layers):
+    """scratch's hand-written backward (cells.py) against autograd through torch.nn's modules,
+    with gradient flowing from the logits, from the final state and into the initial state."""
+    model = make_model(cell, vocab_size=V, hidden_size=8, num_layers=num_layers, embed_size=5, std=0.4)
     x, y = random_inputs(seed=3), random_inputs(seed=4)
+    initial = random_state(model, 3)
+    torch.manual_seed(5)
+    final_weights = [torch.randn_like(s) for s in states(initial)]
     grads = {}
     for impl in ("fused", "scratch"):
         model.impl = impl
         model.zero_grad()
-        logits, _ = model(x)
-        F.cross_entropy(logits.reshape(-1, V), y.reshape(-1)).backward()
-        grads[impl] = [p.grad.clone() for p in model.parameters()]
+        state = tuple(s.clone().requires_grad_() for s in states(initial))
+        logits, final = model(x, state if cell == "lstm" else state[0])
+        loss = F.cross_entropy(logits.reshape(-1, V), y.reshape(-1))
+        loss = loss + sum((f * w).sum() for f, w in zip(states(final), final_weights, strict=True))
+        loss.backward()
+        grads[impl] = [p.grad.clone() for p in model.parameters()] + [s.grad.clone() for s in state]
+    assert len(grads["scratch"]) == len(grads["fused"])
     for s, f in zip(grads["scratch"], grads["fused"], strict=True):
         torch.testing.assert_close(s, f, atol=1e-5, rtol=1e-4)
 

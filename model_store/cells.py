@@ -1,0 +1,121 @@
+"""The recurrent cells of the `scratch` implementation, written out step by step.
+
+Each cell has its forward equations (the tutorial's, in torch's gate order) and their
+derivatives. `Recurrence` runs one layer over all time steps with them and
+backpropagates through time by hand: per step only the gate arithmetic and one matmul
+for the previous state's gradient, and the recurrent weight's gradient as one large
+matmul over all steps at the end. That is the same arithmetic autograd would do, without
+a graph of a dozen small nodes per step, and it is most of why training is fast on a CPU.
+A test checks every gradient against autograd through torch.nn.RNN/GRU/LSTM.
+
+Names: `xg` = X_t W_x* + b_i* and `hg` = H_{t-1} W_h* + b_h*, the gate blocks side by
+side; a cell returns the new H, the new C (LSTM only) and what its backward needs.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def rnn_cell(xg, hg, H, C):
+    H = torch.tanh(xg + hg)  # H_t = tanh(X_t W_xh + H_{t-1} W_hh + b_h)
+    return H, None, (H,)
+
+
+def rnn_cell_backward(dH, dC, H_prev, C_prev, saved):
+    (H,) = saved
+    d_pre = dH * (1 - H * H)
+    return d_pre, d_pre, None, None
+
+
+def gru_cell(xg, hg, H, C):
+    # torch's (and cuDNN's) GRU: the reset gate multiplies H W_hh + b_hn, not H (see model.py)
+    x_r, x_z, x_h = xg.chunk(3, dim=1)
+    h_r, h_z, h_h = hg.chunk(3, dim=1)
+    R = torch.sigmoid(x_r + h_r)  # reset gate
+    Z = torch.sigmoid(x_z + h_z)  # update gate
+    H_tilde = torch.tanh(x_h + R * h_h)  # candidate state
+    H_new = Z * H + (1 - Z) * H_tilde
+    return H_new, None, (R, Z, H_tilde, h_h)
+
+
+def gru_cell_backward(dH, dC, H_prev, C_prev, saved):
+    R, Z, H_tilde, h_h = saved
+    d_h = dH * (1 - Z) * (1 - H_tilde * H_tilde)  # through H_tilde's tanh
+    d_r = d_h * h_h * R * (1 - R)
+    d_z = dH * (H_prev - H_tilde) * Z * (1 - Z)
+    return torch.cat((d_r, d_z, d_h), 1), torch.cat((d_r, d_z, d_h * R), 1), dH * Z, None
+
+
+def lstm_cell(xg, hg, H, C):
+    x_i, x_f, x_c, x_o = xg.chunk(4, dim=1)
+    h_i, h_f, h_c, h_o = hg.chunk(4, dim=1)
+    I = torch.sigmoid(x_i + h_i)  # input gate  # noqa: E741
+    F_ = torch.sigmoid(x_f + h_f)  # forget gate
+    C_tilde = torch.tanh(x_c + h_c)  # candidate memory
+    O = torch.sigmoid(x_o + h_o)  # output gate  # noqa: E741
+    C = F_ * C + I * C_tilde
+    tanh_C = torch.tanh(C)
+    return O * tanh_C, C, (I, F_, C_tilde, O, tanh_C)
+
+
+def lstm_cell_backward(dH, dC, H_prev, C_prev, saved):
+    I, F_, C_tilde, O, tanh_C = saved  # noqa: E741
+    dC = dC + dH * O * (1 - tanh_C * tanh_C)
+    d_i = dC * C_tilde * I * (1 - I)
+    d_f = dC * C_prev * F_ * (1 - F_)
+    d_c = dC * I * (1 - C_tilde * C_tilde)
+    d_o = dH * tanh_C * O * (1 - O)
+    d_pre = torch.cat((d_i, d_f, d_c, d_o), 1)
+    return d_pre, d_pre, None, dC * F_
+
+
+CELLS = {"rnn": (rnn_cell, rnn_cell_backward), "gru": (gru_cell, gru_cell_backward),
+         "lstm": (lstm_cell, lstm_cell_backward)}
+
+
+class Recurrence(torch.autograd.Function):
+    """One layer over all steps. xg: (steps, batch, gates * hidden), time-major; h0, c0:
+    (batch, hidden) (c0 is None but for the LSTM). Returns every step's H and the last C."""
+
+    @staticmethod
+    def forward(ctx, cell, xg, h0, c0, w_hh, b_hh):
+        step = CELLS[cell][0]
+        H, C = h0, c0
+        hs, cs, saved = [], [], []
+        for x_t in xg.unbind(0):
+            cs.append(C)
+            H, C, s = step(x_t, F.linear(H, w_hh, b_hh), H, C)
+            hs.append(H)
+            saved.append(s)
+        ctx.cell, ctx.saved, ctx.cs = cell, saved, cs
+        ctx.autocast = (xg.device.type, torch.is_autocast_enabled(xg.device.type),
+                        torch.get_autocast_dtype(xg.device.type))
+        hs = torch.stack(hs)
+        ctx.save_for_backward(h0, hs, w_hh)
+        return hs, C if C is not None else h0.new_zeros(())
+
+    @staticmethod
+    def backward(ctx, d_hs, d_c_last):
+        h0, hs, w_hh = ctx.saved_tensors
+        backward_step = CELLS[ctx.cell][1]
+        device_type, autocast, dtype = ctx.autocast
+        h_prev = torch.cat((h0[None], hs[:-1]))
+        d_hs = torch.zeros_like(hs) if d_hs is None else d_hs
+        dH = torch.zeros_like(h0)
+        dC = d_c_last if ctx.cell == "lstm" and d_c_last is not None else (
+            torch.zeros_like(h0) if ctx.cell == "lstm" else None)
+        dxg, dhg = [None] * len(hs), [None] * len(hs)
+        with torch.autocast(device_type, dtype=dtype, enabled=autocast):  # as the forward ran
+            for t in range(len(hs) - 1, -1, -1):
+                dH = dH + d_hs[t]
+                dxg[t], dhg[t], dH_direct, dC = backward_step(dH, dC, h_prev[t], ctx.cs[t], ctx.saved[t])
+                dH = (dhg[t] @ w_hh).to(h0.dtype)  # through H_{t-1} W_hh
+                if dH_direct is not None:
+                    dH = dH + dH_direct
+            dhg = torch.stack(dhg)
+            d_w_hh = dhg.flatten(0, 1).t() @ h_prev.flatten(0, 1)  # all steps in one matmul
+        d_c0 = dC.to(h0.dtype) if dC is not None else None
+        return (None, torch.stack(dxg), dH.to(h0.dtype), d_c0, d_w_hh.to(w_hh.dtype),
+                dhg.sum((0, 1)).to(w_hh.dtype))
