@@ -1,17 +1,20 @@
-"""Runs model work off the event loop, one worker thread per request.
+"""Continuous batching: one scheduler thread per loaded model steps every active sequence together.
 
-A narrow interface that a continuous-batching engine can later replace:
+    submit() ──> inbox ──> [scheduler thread: admit (prefill) ─> step batch ─> retire] ──> deltas
+                 (bounded)        between steps             one model call            to each Job's
+                                                            for all rows              asyncio queue
 
 * `submit(generation, stream)` admits a `model_store.generate.Generation` (or raises
-  `EngineBusy` when every worker is taken and the queue is full) and starts it; the
-  returned `Job` is an async iterator of `Delta`s and stops its thread when it is closed
-  (a client that disconnects), cancelled, or past its deadline (`EngineTimeout`);
-* `complete(generation)` runs one to the end and returns its completions;
-* `run(fn, *args)` runs any other blocking call (scoring) on the same workers;
-* `in_flight` counts the sequences being generated now, `queued` the generations waiting,
-  `finished` the generations done by outcome (completed, cancelled, timeout, error).
-
-It does not batch: each request's n sequences step together, requests do not.
+  `EngineBusy` when the sequences running and waiting would pass max_batch + max_queue)
+  and returns a `Job`: an async iterator of `Delta`s. Closing or cancelling the Job, or its
+  deadline (`EngineTimeout`), removes its rows from the batch before the next step.
+* The scheduler admits waiting requests between steps while the batch holds fewer than
+  max_batch rows; prefixes of one length are prefilled in one call. Each row samples with
+  its own settings and generator, so a request gets the text it would get alone.
+* `complete(generation)` runs one to the end; `run(fn, *args)` runs any other blocking call
+  (scoring) on a small thread pool; `in_flight` counts the sequences being generated,
+  `queued` the generations waiting, `finished` the generations done by outcome
+  (completed, cancelled, timeout, error).
 """
 
 from __future__ import annotations
@@ -19,19 +22,21 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from model_store.generate import Completion, Delta, Generation
+import torch
+
+from model_store.generate import Batch, Completion, Delta, Generation, Row, prefill_rows
 
 T = TypeVar("T")
 _END = object()
 
 
 class EngineBusy(Exception):
-    """Every worker is busy and the queue is full: try again shortly."""
+    """Too many sequences running and waiting: try again shortly."""
 
 
 class EngineTimeout(Exception):
@@ -43,60 +48,26 @@ class Job:
 
     def __init__(self, engine: Engine, generation: Generation, stream: bool):
         self.engine, self.generation, self.stream = engine, generation, stream
+        self.n = generation.n
         self.deadline = time.monotonic() + engine.timeout_s
-        self.stopped = threading.Event()
-        self.timed_out = False
-        self.cancelled = False
-        self._loop = asyncio.get_running_loop()
-        self._queue: asyncio.Queue = asyncio.Queue()
-        with engine.lock:
-            engine.queued += 1
-            engine.jobs.add(self)
-        self._future = self._loop.run_in_executor(engine.executor, self._work)
-
-    def _post(self, item) -> None:
-        try:
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
-        except RuntimeError:  # the event loop is gone (shutdown): nobody is listening
-            self.stopped.set()
-
-    def _work(self) -> None:
-        n, outcome = self.generation.n, "error"
-        with self.engine.lock:
-            self.engine.queued -= 1
-            self.engine.in_flight += n
-        try:
-            outcome = self._generate()
-        finally:
-            with self.engine.lock:
-                self.engine.in_flight -= n
-                self.engine.finished[outcome] += 1
-                self.engine.jobs.discard(self)
-            self._post(_END)
-
-    def _generate(self) -> str:
-        if self.stopped.is_set():
-            return "cancelled"
-        for delta in self.generation:
-            if self.stopped.is_set():
-                return "cancelled"
-            if time.monotonic() > self.deadline:
-                self.timed_out = True
-                return "timeout"
-            if self.stream:
-                self._post(delta)
-        return "completed"
+        self.stopped = False  # set by the client side, read by the scheduler between steps
+        self.timed_out = self.cancelled = False
+        self.error: BaseException | None = None
+        self.rows: list[Row] = []
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue = asyncio.Queue()
 
     def stop(self) -> None:
-        self.stopped.set()
+        self.stopped = True
 
     async def __aiter__(self) -> AsyncIterator[Delta]:
         try:
-            while (item := await self._queue.get()) is not _END:
+            while (item := await self.queue.get()) is not _END:
                 yield item
             if self.cancelled:
                 raise EngineBusy("the server is shutting down")
-            await self._future  # re-raises what the worker raised
+            if self.error is not None:
+                raise self.error
             if self.timed_out:
                 raise EngineTimeout(f"generation stopped after {self.engine.timeout_s:g} s")
         finally:
@@ -108,59 +79,190 @@ class Job:
         return self.generation.completions
 
 
+def post_all(posts: list[tuple[asyncio.Queue, Any]]) -> None:
+    for queue, item in posts:
+        queue.put_nowait(item)
+
+
+class Scheduler:
+    """The batch of one model and the thread that steps it."""
+
+    def __init__(self, engine: Engine, generation: Generation):
+        self.engine, self.model, self.vocab = engine, generation.model, generation.vocab
+        self.inbox: list[Job] = []  # guarded by engine.lock
+        self.active: set[Job] = set()  # scheduler thread only
+        self.batch = Batch(self.model, self.vocab)
+        self.thread = threading.Thread(target=self.loop, name=f"lyrics-batch-{id(self.model):x}", daemon=True)
+        self.thread.start()
+
+    def loop(self) -> None:
+        engine = self.engine
+        with torch.inference_mode():
+            while True:
+                with engine.wake:
+                    while not self.inbox and not self.active and not engine.stopping:
+                        engine.wake.wait()
+                    if engine.stopping:
+                        return
+                    waiting = self.admissible()
+                posts: dict[asyncio.AbstractEventLoop, list] = defaultdict(list)
+                self.admit(waiting, posts)
+                self.retire_stopped(posts)
+                if self.batch.rows:
+                    self.step(posts)
+                for loop, items in posts.items():
+                    try:
+                        loop.call_soon_threadsafe(post_all, items)
+                    except RuntimeError:  # the event loop is gone (shutdown): nobody is listening
+                        pass
+
+    def admissible(self) -> list[Job]:
+        """Take the waiting jobs that fit in the batch (a job always fits an empty batch)."""
+        taken, rows = [], len(self.batch.rows)
+        while self.inbox and (rows == 0 or rows + self.inbox[0].n <= self.engine.max_batch):
+            job = self.inbox.pop(0)
+            taken.append(job)
+            rows += job.n
+        self.engine.queued -= len(taken)
+        return taken
+
+    def admit(self, jobs: list[Job], posts) -> None:
+        by_length: dict[int, list[Job]] = defaultdict(list)
+        for job in jobs:
+            with self.engine.lock:
+                self.engine.in_flight += job.n
+            self.active.add(job)
+            if not job.stopped and time.monotonic() <= job.deadline:
+                by_length[len(job.generation.ids)].append(job)
+        for group in by_length.values():
+            try:
+                rows = [row for job in group for row in job.generation.rows(owner=job)]
+                self.batch.add(rows, *prefill_rows(self.model, [j.generation.ids for j in group], [j.n for j in group]))
+            except Exception as e:  # a bad request fails alone
+                for job in group:
+                    job.error = e
+                    self.end(job, "error", posts)
+                continue
+            for job in group:
+                job.rows = [r for r in rows if r.owner is job]
+                if all(r.finish for r in job.rows):
+                    self.end(job, "completed", posts)
+
+    def retire_stopped(self, posts) -> None:
+        now = time.monotonic()
+        for job in list(self.active):
+            if job.stopped:
+                self.end(job, "cancelled", posts)
+            elif now > job.deadline:
+                job.timed_out = True
+                self.end(job, "timeout", posts)
+
+    def step(self, posts) -> None:
+        try:
+            produced = self.batch.step()
+        except Exception as e:  # the model failed: every active request gets the error
+            for job in list(self.active):
+                job.error = e
+                self.end(job, "error", posts)
+            return
+        for row, text in produced:
+            job = row.owner
+            if text and job.stream:
+                posts[job.loop].append((job.queue, Delta(row.index, text)))
+        for job in {row.owner for row, _ in produced if row.finish}:
+            if job in self.active and all(r.finish for r in job.rows):
+                self.end(job, "completed", posts)
+
+    def end(self, job: Job, outcome: str, posts) -> None:
+        self.active.discard(job)
+        self.batch.drop({job})
+        job.generation.finish(job.rows)
+        with self.engine.lock:
+            self.engine.in_flight -= job.n
+            self.engine.pending -= job.n
+            self.engine.finished[outcome] += 1
+            self.engine.jobs.discard(job)
+        posts[job.loop].append((job.queue, _END))
+
+
 class Engine:
-    def __init__(self, workers: int = 4, max_queue: int = 64, timeout_s: float = 60.0):
-        self.workers, self.max_queue, self.timeout_s = workers, max_queue, timeout_s
+    """Schedulers (one per model, made on first use), admission control and the scoring pool."""
+
+    def __init__(self, max_batch: int = 64, max_queue: int = 64, timeout_s: float = 60.0, workers: int = 2):
+        self.max_batch, self.max_queue, self.timeout_s, self.workers = max_batch, max_queue, timeout_s, workers
         self.lock = threading.Lock()
-        self.in_flight = 0  # sequences being generated
-        self.queued = 0  # generations admitted but not yet started
-        self.busy = 0  # submitted calls not yet finished
+        self.wake = threading.Condition(self.lock)
+        self.in_flight = 0  # sequences in a batch
+        self.queued = 0  # generations waiting for a place in a batch
+        self.pending = 0  # sequences admitted and not finished, plus scoring calls
         self.finished: Counter[str] = Counter()  # generations by outcome: completed, cancelled, timeout, error
         self.jobs: set[Job] = set()
+        self.schedulers: dict[int, Scheduler] = {}
         self.executor: ThreadPoolExecutor | None = None
+        self.stopping = False
 
     @property
     def running(self) -> bool:
         return self.executor is not None
 
     def start(self) -> None:
-        self.executor = ThreadPoolExecutor(self.workers, thread_name_prefix="lyrics-engine")
+        self.stopping = False
+        self.executor = ThreadPoolExecutor(self.workers, thread_name_prefix="lyrics-score")
 
     def stop(self) -> None:
-        """Stop every job, wait for the workers, and end the streams of jobs that never started."""
-        jobs = list(self.jobs)
-        for job in jobs:
-            job.stop()
-        if self.executor is not None:
-            self.executor.shutdown(wait=True, cancel_futures=True)
-            self.executor = None
-        for job in list(self.jobs):  # the ones still here never started
-            job.cancelled = True
-            job._queue.put_nowait(_END)
+        """Stop the schedulers; running jobs end as cancelled, waiting ones with EngineBusy."""
+        if self.executor is None:
+            return
+        with self.wake:
+            self.stopping = True
+            self.wake.notify_all()
+        for scheduler in self.schedulers.values():
+            scheduler.thread.join()
+        self.executor.shutdown(wait=True, cancel_futures=True)
+        self.executor = None
+        for scheduler in self.schedulers.values():
+            posts: dict = defaultdict(list)
+            for job in list(scheduler.active):
+                scheduler.end(job, "cancelled", posts)
+            for job in scheduler.inbox:
+                job.cancelled = True
+                posts[job.loop].append((job.queue, _END))
+            self.queued -= len(scheduler.inbox)
+            scheduler.inbox.clear()
+            for items in posts.values():
+                post_all(items)  # stop() runs on the event loop (the lifespan)
+        self.schedulers.clear()
 
-    def _admit(self) -> None:
+    def _admit(self, units: int) -> None:
         if not self.running:
             raise EngineBusy("the engine is not running")
         with self.lock:
-            if self.busy >= self.workers + self.max_queue:
-                raise EngineBusy(f"{self.busy} requests are running or waiting; try again shortly")
-            self.busy += 1
+            if self.pending + units > self.max_batch + self.max_queue and self.pending > 0:
+                raise EngineBusy(f"{self.pending} sequences are running or waiting; try again shortly")
+            self.pending += units
 
-    def _release(self, _future=None) -> None:
+    def _release(self, units: int) -> None:
         with self.lock:
-            self.busy -= 1
+            self.pending -= units
 
     def submit(self, generation: Generation, stream: bool = True) -> Job:
-        self._admit()
+        self._admit(generation.n)
         job = Job(self, generation, stream)
-        job._future.add_done_callback(self._release)
+        with self.wake:
+            key = id(generation.model)
+            if key not in self.schedulers:
+                self.schedulers[key] = Scheduler(self, generation)
+            self.schedulers[key].inbox.append(job)
+            self.queued += 1
+            self.jobs.add(job)
+            self.wake.notify_all()
         return job
 
     async def complete(self, generation: Generation) -> list[Completion]:
         return await self.submit(generation, stream=False).wait()
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
-        self._admit()
+        self._admit(1)
         future = asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
-        future.add_done_callback(self._release)
+        future.add_done_callback(lambda _: self._release(1))
         return await future

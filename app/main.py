@@ -6,9 +6,11 @@
 from __future__ import annotations
 
 import logging
+import os
 from contextlib import asynccontextmanager
 
 import anyio
+import torch
 from fastapi import FastAPI
 from fastapi.responses import RedirectResponse
 
@@ -37,16 +39,25 @@ async def lifespan(app: FastAPI):
     except StartupError as e:
         log.error("cannot start: %s", e)
         raise
-    engine = Engine(settings.workers, settings.max_queue, settings.request_timeout_s)
+    # The model steps run in the engine's batch threads and use torch's intra-op pool; the event
+    # loop only parses requests and forwards deltas, so torch gets every core by default.
+    torch.set_num_threads(settings.torch_threads or usable_cores())
+    engine = Engine(settings.max_batch, settings.max_queue, settings.request_timeout_s, settings.workers)
     engine.start()
     app.state.models, app.state.engine = served, engine
     app.state.metrics.watch(engine, len(served.models))
-    log.info("ready: %d model(s) on %s, default %s", len(served.models), served.device, served.default)
+    log.info("ready: %d model(s) on %s, default %s, %d torch thread(s), batches of up to %d",
+             len(served.models), served.device, served.default, torch.get_num_threads(), settings.max_batch)
     try:
         yield
     finally:
         app.state.models = None
         engine.stop()
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (a container's CPU set, not the host's count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def configure_logging(level: str) -> None:

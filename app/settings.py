@@ -34,8 +34,10 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(1_000_000, ge=1024, description="largest request body, in bytes (413 above)")
     request_timeout_s: float = Field(60.0, gt=0, description="longest a generation may run, queue time included, "
                                                              "before it is stopped (504, or an error event if streaming)")
-    workers: int = Field(4, ge=1, description="requests computed at once (threads); more wait in the queue")
-    max_queue: int = Field(64, ge=0, description="requests waiting for a worker before new ones get 503")
+    max_batch: int = Field(64, ge=1, description="most sequences one model steps together (one batch per model)")
+    max_queue: int = Field(64, ge=0, description="sequences that may wait beyond max_batch before new requests get 503")
+    workers: int = Field(2, ge=1, description="threads for /perplexity scoring (generation runs in the batch threads)")
+    torch_threads: int = Field(0, ge=0, description="torch intra-op threads, set at start-up (0: one per CPU core)")
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -70,22 +70,38 @@ def sample_next(logits: torch.Tensor, params: Sequence[SamplingParams], seen: to
     idx = torch.tensor(sampled, device=device)
     temperature = torch.tensor([params[i].temperature for i in sampled], device=device)[:, None]
     probs = torch.softmax(logits[idx] / temperature, dim=1)
-    sorted_probs, order = probs.sort(dim=1, descending=True)
-    cumulative = sorted_probs.cumsum(dim=1)
-    position = torch.arange(logits.shape[1], device=device)[None, :]
     top_k = torch.tensor([params[i].top_k or logits.shape[1] for i in sampled], device=device)[:, None]
     top_p = torch.tensor([params[i].top_p for i in sampled], device=device)[:, None]
+    sorted_probs, order = sorted_head(probs, top_k, top_p)
+    cumulative = sorted_probs.cumsum(dim=1)
+    position = torch.arange(sorted_probs.shape[1], device=device)[None, :]
     # keep a character while the mass before it is below top_p; the first always survives
     keep = (position < top_k) & ((cumulative - sorted_probs) < top_p)
     keep[:, 0] = True
     kept = torch.where(keep, sorted_probs, 0.0).cumsum(dim=1)
     uniforms = torch.cat([torch.rand(1, generator=generators[i]) for i in sampled]).to(device)
     target = uniforms[:, None] * kept[:, -1:]
-    pick = torch.searchsorted(kept, target, right=True).clamp_(max=logits.shape[1] - 1)
+    pick = torch.searchsorted(kept, target, right=True).clamp_(max=sorted_probs.shape[1] - 1)
     # a pick past the kept set can only come from rounding at the very top: step back into it
     pick = torch.minimum(pick, keep.sum(dim=1, keepdim=True) - 1)
     choice[idx] = order.gather(1, pick).squeeze(1)
     return choice
+
+
+def sorted_head(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                first: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """The leading columns of `probs` sorted in descending order (values, indices): enough that
+    every row's top-k/top-p survivors are among them. Sorting the whole vocabulary dominated a
+    sampled step; a small `topk` gives the same leading columns (and so the same cumulative sums)."""
+    k, vocab = first, probs.shape[1]
+    while k < vocab:
+        head, order = probs.topk(k, dim=1)
+        # a row's survivors end inside the head when its top_k does, or when the head's mass reaches
+        # top_p (every later character then has at least top_p before it)
+        if bool(((top_k <= k) | (head.cumsum(dim=1)[:, -1:] >= top_p)).all()):
+            return head, order
+        k *= 4
+    return probs.sort(dim=1, descending=True)
 
 
 def prefill(model: CharLM, ids: Sequence[int], device=None) -> tuple[torch.Tensor, State]:
@@ -101,12 +117,126 @@ def repeat_state(state: State, n: int) -> State:
     return state.repeat(1, n, 1)
 
 
+def select_state(state: State, index: torch.Tensor) -> State:
+    """The state's rows (dim 1) at `index`, in that order."""
+    if isinstance(state, tuple):
+        return tuple(s.index_select(1, index) for s in state)
+    return state.index_select(1, index)
+
+
+def cat_state(a: State, b: State) -> State:
+    if isinstance(a, tuple):
+        return tuple(torch.cat(pair, dim=1) for pair in zip(a, b, strict=True))
+    return torch.cat([a, b], dim=1)
+
+
 @dataclass
 class Delta:
     """New text for one continuation, as it is produced."""
 
     index: int
     text: str
+
+
+class Row:
+    """One continuation's bookkeeping: its sampler settings and random stream, the text so far,
+    stop strings and hold-back. It holds no tensors; its model state is a row of a `Batch`."""
+
+    def __init__(self, params: SamplingParams, seed: int | None, stop: Sequence[str], max_chars: int,
+                 index: int = 0, owner=None):
+        self.params, self.seed, self.stop, self.max_chars = params, seed, stop, max_chars
+        self.generator = row_generator(seed) if seed is not None else None
+        self.index, self.owner = index, owner  # which choice of which request
+        self.text, self.emitted = "", 0
+        self.finish: str | None = None if max_chars > 0 else "length"
+
+    def push(self, char: str) -> str:
+        """Append one generated character; return the text that is now safe to show ('' if none)."""
+        self.text += char
+        if any(self.text.endswith(s) for s in self.stop):
+            self.finish = "stop"
+            self.text = strip_stop(self.text, self.stop)
+        elif len(self.text) >= self.max_chars:
+            self.finish = "length"
+        safe = len(self.text) - (0 if self.finish else held_back(self.text, self.stop))
+        if safe <= self.emitted:
+            return ""
+        new, self.emitted = self.text[self.emitted:safe], safe
+        return new
+
+    def completion(self, prefix: str) -> Completion:
+        return Completion(prefix + self.text, self.text, self.finish or "length", self.seed)
+
+
+def prefill_rows(model: CharLM, prefixes: Sequence[Sequence[int]], counts: Sequence[int]
+                 ) -> tuple[torch.Tensor, State, torch.Tensor]:
+    """Prefill prefixes of one length in one call; prefix i's logits, state and seen-mask
+    rows are repeated counts[i] times (its n continuations), in order."""
+    device = model.dense.weight.device
+    logits, state = model(torch.tensor([list(p) for p in prefixes], device=device))
+    seen = torch.zeros(len(prefixes), model.config.vocab_size, dtype=torch.bool, device=device)
+    for i, ids in enumerate(prefixes):
+        seen[i, torch.tensor(list(ids), device=device)] = True
+    index = torch.repeat_interleave(torch.arange(len(prefixes), device=device), torch.tensor(counts, device=device))
+    return logits[:, -1].index_select(0, index), select_state(state, index), seen.index_select(0, index)
+
+
+class Batch:
+    """Continuations of any number of requests, stepped together: one model call per step.
+
+    Row i of `logits` (next-character scores), of the state (dim 1) and of `seen` belongs to
+    `rows[i]`. `step` samples every row with its own settings and generator, then retires the
+    finished rows at once and advances the rest. Sampling draws one uniform per row from that
+    row's generator, so a row's text does not depend on its batch-mates. Call it under
+    `torch.no_grad()` (or inference mode).
+    """
+
+    def __init__(self, model: CharLM, vocab: Vocabulary):
+        self.model, self.vocab = model, vocab
+        self.rows: list[Row] = []
+        self.logits: torch.Tensor | None = None
+        self.state: State | None = None
+        self.seen: torch.Tensor | None = None
+
+    def add(self, rows: list[Row], logits: torch.Tensor, state: State, seen: torch.Tensor) -> None:
+        """Append rows with their prefilled logits, state and seen mask; rows already finished are dropped."""
+        if self.rows:
+            logits, state = torch.cat([self.logits, logits]), cat_state(self.state, state)
+            seen = torch.cat([self.seen, seen])
+        self.rows, self.logits, self.state, self.seen = self.rows + rows, logits, state, seen
+        self.keep([i for i, r in enumerate(self.rows) if r.finish is None])
+
+    def keep(self, kept: list[int]) -> None:
+        """Keep only the rows at these positions (retire or cancel the others)."""
+        if len(kept) == len(self.rows):
+            return
+        self.rows = [self.rows[i] for i in kept]
+        if not self.rows:
+            self.logits = self.state = self.seen = None
+            return
+        index = torch.tensor(kept, device=self.logits.device)
+        self.logits, self.seen = self.logits.index_select(0, index), self.seen.index_select(0, index)
+        self.state = select_state(self.state, index)
+
+    def drop(self, owners) -> None:
+        """Remove every row whose owner is in `owners`."""
+        self.keep([i for i, r in enumerate(self.rows) if r.owner not in owners])
+
+    def step(self) -> list[tuple[Row, str]]:
+        """One character for every row: each row with the text it made safe to show."""
+        rows = self.rows
+        chosen = sample_next(self.logits, [r.params for r in rows], self.seen, [r.generator for r in rows])
+        chars = self.vocab.idx_to_char
+        produced = [(row, row.push(chars[c])) for row, c in zip(rows, chosen.tolist(), strict=True)]
+        self.seen[torch.arange(len(rows), device=chosen.device), chosen] = True
+        live = [i for i, r in enumerate(rows) if r.finish is None]
+        if len(live) < len(rows):
+            chosen = chosen[torch.tensor(live, dtype=torch.long, device=chosen.device)]
+            self.keep(live)
+        if self.rows:
+            step_logits, self.state = self.model(chosen[:, None], self.state)
+            self.logits = step_logits[:, -1]
+        return produced
 
 
 class Generation:
@@ -117,7 +247,8 @@ class Generation:
     holds the finished results. Choice i of a sampled request uses seed `seed + i`, so
     n=1 reproduces choice 0 of a larger n. Raises UnknownCharactersError for characters
     outside the vocabulary and ValueError for an empty prefix (the model needs one
-    character to start from) or out-of-range sizes.
+    character to start from) or out-of-range sizes. The service's engine does not iterate
+    it: it steps the `rows()` of many generations in one shared `Batch`.
     """
 
     def __init__(self, model: CharLM, vocab: Vocabulary, prefix: str, max_chars: int = 50,
@@ -136,46 +267,24 @@ class Generation:
         self.seeds = [seed + i if params.temperature > 0 else None for i in range(n)]
         self.completions: list[Completion] = []
 
+    def rows(self, owner=None) -> list[Row]:
+        return [Row(self.params, s, self.stop, self.max_chars, i, owner) for i, s in enumerate(self.seeds)]
+
+    def finish(self, rows: list[Row]) -> None:
+        self.completions = [row.completion(self.prefix) for row in rows]
+
     def __iter__(self) -> Iterator[Delta]:
         # grad mode is thread-local state: set it per block, never across a yield
-        n, vocab = self.n, self.vocab
-        generators = [row_generator(s) if s is not None else None for s in self.seeds]
+        rows, batch = self.rows(), Batch(self.model, self.vocab)
         with torch.no_grad():
-            logits, state = prefill(self.model, self.ids)
-            logits, state = logits.repeat(n, 1), repeat_state(state, n)
-            device = logits.device
-            seen = torch.zeros(n, len(vocab), dtype=torch.bool, device=device)
-            seen[:, torch.tensor(self.ids, device=device)] = True
-        texts, emitted = [""] * n, [0] * n
-        finish: list[str | None] = [None] * n
-        for _ in range(self.max_chars):
+            batch.add(rows, *prefill_rows(self.model, [self.ids], [self.n]))
+        while batch.rows:
             with torch.no_grad():
-                chosen = sample_next(logits, [self.params] * n, seen, generators).tolist()
-            for row, c in enumerate(chosen):
-                if finish[row] is not None:
-                    continue
-                texts[row] += vocab.idx_to_char[c]
-                if any(texts[row].endswith(s) for s in self.stop):
-                    finish[row] = "stop"
-                    texts[row] = strip_stop(texts[row], self.stop)
-                    safe = len(texts[row])
-                else:
-                    safe = len(texts[row]) - held_back(texts[row], self.stop)
-                if safe > emitted[row]:
-                    yield Delta(row, texts[row][emitted[row]:safe])
-                    emitted[row] = safe
-            if all(f is not None for f in finish):
-                break
-            with torch.no_grad():
-                next_ids = torch.tensor(chosen, device=device)
-                seen[torch.arange(n), next_ids] = True
-                step_logits, state = self.model(next_ids[:, None], state)
-                logits = step_logits[:, -1]
-        for row in range(n):
-            if len(texts[row]) > emitted[row]:
-                yield Delta(row, texts[row][emitted[row]:])
-            self.completions.append(Completion(self.prefix + texts[row], texts[row], finish[row] or "length",
-                                               self.seeds[row]))
+                produced = batch.step()
+            for row, text in produced:
+                if text:
+                    yield Delta(row.index, text)
+        self.finish(rows)
 
 
 def generate(model: CharLM, vocab: Vocabulary, prefix: str, max_chars: int = 50,

@@ -1,4 +1,5 @@
-"""The engine: generations run off the event loop, stop when their consumer goes away, and are counted."""
+"""The engine: concurrent generations share one batch per model, each gets exactly what it would get alone,
+stops when its consumer goes away, and is counted."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ pytestmark = pytest.mark.anyio
 
 @pytest.fixture
 def engine():
-    engine = Engine(workers=2, max_queue=1, timeout_s=30)
+    engine = Engine(max_batch=2, max_queue=1, timeout_s=30)
     engine.start()
     yield engine
     engine.stop()
@@ -73,7 +74,7 @@ async def test_cancelling_the_consumer_stops_the_generation(engine, checkpoints)
 
 
 async def test_the_deadline_stops_a_generation(checkpoints):
-    engine = Engine(workers=1, max_queue=0, timeout_s=0.2)
+    engine = Engine(max_batch=1, max_queue=0, timeout_s=0.2)
     engine.start()
     try:
         start = time.monotonic()
@@ -85,9 +86,9 @@ async def test_the_deadline_stops_a_generation(checkpoints):
         engine.stop()
 
 
-async def test_admission_is_bounded_by_workers_and_queue(engine, checkpoints):
+async def test_admission_is_bounded_by_batch_and_queue(engine, checkpoints):
     ck = checkpoints["gru"]
-    jobs = [engine.submit(long_generation(ck, n=1)) for _ in range(3)]  # 2 workers + 1 queued
+    jobs = [engine.submit(long_generation(ck, n=1)) for _ in range(3)]  # a batch of 2 + 1 queued
     await wait_until(lambda: engine.in_flight == 2 and engine.queued == 1)
     with pytest.raises(EngineBusy):
         engine.submit(long_generation(ck, n=1))
@@ -97,13 +98,13 @@ async def test_admission_is_bounded_by_workers_and_queue(engine, checkpoints):
         job.stop()
     for job in jobs:
         await job.wait()
-    await wait_until(lambda: engine.busy == 0)
+    await wait_until(lambda: engine.pending == 0)
     assert await engine.run(sum, [1, 2]) == 3
     assert engine.in_flight == 0 and engine.queued == 0
 
 
 async def test_stop_ends_every_job(checkpoints):
-    engine = Engine(workers=1, max_queue=2, timeout_s=30)
+    engine = Engine(max_batch=1, max_queue=2, timeout_s=30)
     engine.start()
     ck = checkpoints["gru"]
     running = engine.submit(long_generation(ck, n=1))
@@ -118,13 +119,93 @@ async def test_stop_ends_every_job(checkpoints):
         engine.submit(long_generation(ck, n=1))
 
 
-async def test_worker_errors_reach_the_caller(engine):
-    class Broken:
-        n = 1
-
-        def __iter__(self):
-            raise RuntimeError("boom")
-
-    with pytest.raises(RuntimeError, match="boom"):
-        await engine.complete(Broken())
+async def test_a_failing_request_fails_alone(engine, checkpoints):
+    ck = checkpoints["gru"]
+    broken = Generation(ck.model, ck.vocab, "分开", 10)
+    broken.ids = [10**6]  # past the vocabulary: the prefill raises
+    good = engine.submit(Generation(ck.model, ck.vocab, "你说", 10), stream=False)
+    with pytest.raises(IndexError):
+        await engine.complete(broken)
+    assert await good.wait() == generate(ck.model, ck.vocab, "你说", 10)
     assert engine.finished["error"] == 1 and engine.in_flight == 0
+
+
+# Mixed requests for the batching tests: models, prefix lengths (some equal, so prefilled
+# together), lengths, n, greedy and seeded sampling with every sampler setting, stop strings.
+PREFIXES = ["分开", "你说", "我", "手中的铅笔", "窗外的麻雀 在", "分开的爱 我不要\n"]
+SAMPLERS = [SamplingParams(), SamplingParams(temperature=0.8, top_p=0.9), SamplingParams(temperature=1.0, top_k=5),
+            SamplingParams(temperature=0.7, repetition_penalty=1.3), SamplingParams(repetition_penalty=1.5)]
+
+
+def mixed_requests(count: int) -> list[dict]:
+    return [dict(model=("gru", "rnn")[i % 2 if i % 5 else 0], prefix=PREFIXES[i % len(PREFIXES)],
+                 max_chars=(0, 7, 25, 60)[i % 4] if i % 7 else 80, params=SAMPLERS[i % len(SAMPLERS)],
+                 stop=[("的",), ("\n", "我"), ()][i % 3], seed=i, n=1 + i % 3)
+            for i in range(count)]
+
+
+def alone(ck, request: dict):
+    return generate(ck.model, ck.vocab, request["prefix"].replace("\n", " ") if ck.newlines == "space"
+                    else request["prefix"], request["max_chars"], request["params"], request["stop"],
+                    request["seed"], request["n"])
+
+
+def generation(ck, request: dict) -> Generation:
+    prefix = request["prefix"].replace("\n", " ") if ck.newlines == "space" else request["prefix"]
+    return Generation(ck.model, ck.vocab, prefix, request["max_chars"], request["params"], request["stop"],
+                      request["seed"], request["n"])
+
+
+async def test_concurrent_mixed_requests_each_get_what_they_would_get_alone(checkpoints):
+    engine = Engine(max_batch=12, max_queue=200, timeout_s=60)  # a small batch: requests join as others leave
+    engine.start()
+    requests = mixed_requests(24)
+    streamed: dict[int, dict[int, str]] = {}
+    completions = {}
+    peak = 0
+
+    async def consume(i, request):
+        nonlocal peak
+        job = engine.submit(generation(checkpoints[request["model"]], request), stream=i % 2 == 0)
+        streamed[i] = {}
+        async for delta in job:
+            streamed[i][delta.index] = streamed[i].get(delta.index, "") + delta.text
+            peak = max(peak, engine.in_flight)
+        completions[i] = job.generation.completions
+
+    try:
+        async with anyio.create_task_group() as tg:
+            for i, request in enumerate(requests):
+                tg.start_soon(consume, i, request)
+        for i, request in enumerate(requests):
+            expected = alone(checkpoints[request["model"]], request)
+            assert completions[i] == expected, f"request {i} differs from the same request alone"
+            if i % 2 == 0:
+                assert streamed[i] == {j: c.generated for j, c in enumerate(expected) if c.generated}
+        assert 1 < peak <= 2 * 12  # two models: two batches of at most 12
+        assert engine.in_flight == 0 and engine.queued == 0 and engine.pending == 0 and not engine.jobs
+        assert all(not s.batch.rows and not s.active for s in engine.schedulers.values())
+        assert engine.finished["completed"] == len(requests)
+    finally:
+        engine.stop()
+
+
+async def test_a_stream_closed_mid_way_leaves_its_batch_mates_untouched(checkpoints):
+    engine = Engine(max_batch=64, max_queue=0, timeout_s=60)
+    engine.start()
+    ck = checkpoints["gru"]
+    try:
+        doomed = engine.submit(long_generation(ck, n=3))
+        request = dict(prefix="你说", max_chars=300, params=SamplingParams(temperature=0.9, top_p=0.9), stop=(),
+                       seed=5, n=2)
+        mate = engine.submit(generation(ck, request), stream=False)
+        deltas = aiter(doomed)
+        await anext(deltas)
+        await wait_until(lambda: engine.in_flight == 5)
+        await deltas.aclose()
+        await wait_until(lambda: engine.in_flight <= 2)
+        assert await mate.wait() == alone(ck, request)
+        assert engine.finished["cancelled"] == 1 and engine.finished["completed"] == 1
+        assert engine.in_flight == 0 and not engine.jobs
+    finally:
+        engine.stop()

@@ -241,7 +241,7 @@ async def test_deadline_is_504_or_an_error_event(make_client, model_dir):
 async def test_busy_engine_answers_503_with_retry_after(make_client, model_dir, checkpoints):
     from model_store.generate import Generation
 
-    settings = Settings(model_dir=model_dir, device="cpu", workers=1, max_queue=0)
+    settings = Settings(model_dir=model_dir, device="cpu", max_batch=1, max_queue=0)
     async with make_client(settings) as (app, client):
         ck = checkpoints["gru"]
         job = app.state.engine.submit(Generation(ck.model, ck.vocab, "分开", 100_000))

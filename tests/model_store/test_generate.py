@@ -379,3 +379,16 @@ def test_each_row_uses_its_own_settings_and_stream():
              for s in range(40)]
     assert all(p[0] == 0 and p[1] == 0 for p in picks)  # greedy row, top-k 1 row
     assert len({p[2] for p in picks}) > 3  # the sampled row varies with its own seed
+
+
+@pytest.mark.parametrize("scale", [0.5, 3.0, 20.0])
+def test_sampling_from_a_sorted_head_equals_sampling_from_the_whole_sorted_vocabulary(monkeypatch, scale):
+    import model_store.generate as g
+
+    logits = torch.randn(16, 3000, generator=torch.Generator().manual_seed(0)) * scale
+    params = [SamplingParams(temperature=t, top_p=p, top_k=k)
+              for t, p, k in [(0.8, 0.9, 0), (1.0, 1.0, 0), (0.5, 0.5, 0), (1.2, 1.0, 100)] * 4]
+    fast = [sample_next(logits, params, None, [row_generator(i) for i in range(16)]) for _ in range(3)]
+    monkeypatch.setattr(g, "sorted_head", lambda probs, top_k, top_p: probs.sort(dim=1, descending=True))
+    whole = [sample_next(logits, params, None, [row_generator(i) for i in range(16)]) for _ in range(3)]
+    assert all(torch.equal(a, b) for a, b in zip(fast, whole, strict=True))

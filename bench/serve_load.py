@@ -1,0 +1,224 @@
+"""Serving load test: the continuous-batching service against the tutorial's per-request baseline.
+
+One run, all on loopback:
+  1. trains a one-hot GRU (256 hidden, vocabulary of the whole corpus) for a few epochs with the
+     project's own `training.train` into a temp dir (speed does not depend on its quality);
+  2. measures the bare batched model step (input lookup + GRU cell + dense + argmax, no server)
+     at the largest concurrency: the ceiling a server could reach;
+  3. starts (a) bench/baseline_server.py (the tutorial's predict_rnn_pytorch behind FastAPI) and
+     (b) `lyrics serve` on the same weights, each as a uvicorn subprocess on a free port;
+  4. drives each with the same bounded load: `--requests` requests per level (50 and 200
+     characters alternating, prefixes rotating) at each concurrency, greedy and sampled
+     (temperature 0.8, top-p 0.9), and reports p50/p99 latency, requests/s, generated
+     characters/s, errors and the service/baseline ratios;
+  5. records start-up time and resident memory of the service with the bundled models.
+
+    .venv/bin/python bench/serve_load.py --corpus ../shared/data/jaychou_lyrics.txt
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import shlex
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from model_store.checkpoint import load_checkpoint  # noqa: E402
+from training.train import TrainConfig, train  # noqa: E402
+
+PREFIXES = ["分开", "不分开", "你说", "手中的铅笔", "窗外的麻雀", "我用几行字", "天青色等烟雨", "故事的小黄花"]
+MODES = {"greedy": {}, "sampled": {"temperature": 0.8, "top_p": 0.9}}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def start(command: list[str], env: dict[str, str], log: Path) -> tuple[subprocess.Popen, str, float]:
+    """Start a server on a free loopback port; return it, its URL and the seconds until /readyz answered 200."""
+    port = free_port()
+    began = time.perf_counter()
+    process = subprocess.Popen([*command, "--host", "127.0.0.1", "--port", str(port)], cwd=ROOT, env=env,
+                               stdout=log.open("w"), stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(f"{command[0]} exited: {log.read_text()[-2000:]}")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                return process, url, time.perf_counter() - began
+        except httpx.TransportError:
+            pass
+        time.sleep(0.05)
+
+
+def stop(process: subprocess.Popen) -> None:
+    process.terminate()
+    try:
+        process.wait(15)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
+async def drive(url: str, concurrency: int, requests: int, mode: dict, model: str | None) -> dict:
+    """`requests` requests from `concurrency` clients; latency per request, totals over the wall time."""
+    bodies = [{"prefix": PREFIXES[i % len(PREFIXES)], "max_chars": (50, 200)[i % 2], **mode,
+               **({"model": model, "seed": i} if model else {})} for i in range(requests)]
+    latencies, chars, errors = [], 0, 0
+    todo = iter(bodies)
+
+    async def client(http: httpx.AsyncClient):
+        nonlocal chars, errors
+        for body in todo:
+            began = time.perf_counter()
+            try:
+                r = await http.post(f"{url}/generate", json=body)
+                r.raise_for_status()
+                chars += r.json()["usage"]["generated_chars"]
+                latencies.append(time.perf_counter() - began)
+            except httpx.HTTPError:
+                errors += 1
+
+    limits = httpx.Limits(max_connections=concurrency + 4)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as http:
+        await http.post(f"{url}/generate", json={**bodies[0], "max_chars": 5})  # warm-up
+        began = time.perf_counter()
+        await asyncio.gather(*(client(http) for _ in range(concurrency)))
+        wall = time.perf_counter() - began
+    latencies.sort()
+    q = statistics.quantiles(latencies, n=100, method="inclusive") if len(latencies) > 1 else latencies * 99
+    return {"p50": q[49] * 1000, "p99": q[98] * 1000, "rps": len(latencies) / wall, "cps": chars / wall,
+            "errors": errors, "n": requests}
+
+
+def model_step_ceiling(path: Path, batch: int, steps: int = 300) -> float:
+    """Characters/s of the bare batched step: lookup + GRU cell + dense + argmax, no sampler, no server."""
+    model = load_checkpoint(path, "cpu").model
+    with torch.inference_mode():
+        ids = torch.zeros(batch, dtype=torch.long)
+        state = model.init_state(batch)
+        for _ in range(20):
+            logits, state = model(ids[:, None], state)
+        began = time.perf_counter()
+        for _ in range(steps):
+            logits, state = model(ids[:, None], state)
+            ids = logits[:, -1].argmax(dim=1)
+        return batch * steps / (time.perf_counter() - began)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--corpus", required=True, help="the shared lyrics corpus (read only)")
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
+    p.add_argument("--requests", type=int, nargs="+", default=[16, 32, 96, 128],
+                   help="requests per concurrency level (one number, or one per level)")
+    p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch threads in every process")
+    p.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    args = p.parse_args(argv)
+    counts = args.requests if len(args.requests) > 1 else args.requests * len(args.concurrency)
+    torch.set_num_threads(args.threads)
+    work = Path(tempfile.mkdtemp(prefix="serve_load-"))
+    models = work / "models"
+    ckpt = models / "gru.safetensors"
+
+    began = time.perf_counter()
+    train(TrainConfig(corpus=args.corpus, cell="gru", out=str(ckpt), hidden_size=256, embed_size=0,
+                      epochs=args.epochs, newlines="space", seed=0, progress=False, sample_every=0),
+          log=lambda _: None)
+    for extra in models.glob("*.*"):
+        if not extra.name.endswith(".safetensors"):
+            extra.unlink()
+    vocab = load_checkpoint(ckpt).config.vocab_size
+    print(f"trained GRU 256, vocabulary {vocab}, {args.epochs} epochs in {time.perf_counter() - began:.0f} s",
+          flush=True)
+    ceiling = model_step_ceiling(ckpt, max(args.concurrency))
+    print(f"bare model step at batch {max(args.concurrency)}: {ceiling:,.0f} chars/s", flush=True)
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LYRICS_")}
+    env.update(BENCH_CHECKPOINT=str(ckpt), BENCH_TORCH_THREADS=str(args.threads), LYRICS_TORCH_THREADS=str(args.threads),
+               LYRICS_LOG_LEVEL="warning", LYRICS_MAX_QUEUE=str(max(args.concurrency) * 8))
+    uvicorn = [sys.executable, "-m", "uvicorn", "--no-access-log", "--log-level", "warning"]
+    lyrics = [str(Path(sys.executable).parent / "lyrics"), "serve"]
+    servers = {"baseline": [*uvicorn, "--app-dir", str(ROOT / "bench"), "--factory", "baseline_server:create_app"],
+               "service": [*lyrics, "--model-dir", str(models), "--device", "cpu"]}
+    results: dict = {}
+    rss = {}
+    for name, command in servers.items():
+        process, url, _ = start(command, env, work / f"{name}.log")
+        try:
+            for mode in args.modes:
+                for c, n in zip(args.concurrency, counts, strict=True):
+                    r = asyncio.run(drive(url, c, n, MODES[mode], "gru" if name == "service" else None))
+                    results[name, mode, c] = r
+                    print(f"{name:8} {mode:7} c={c:<3} p50 {r['p50']:8.1f} ms  p99 {r['p99']:8.1f} ms  "
+                          f"{r['rps']:7.1f} req/s  {r['cps']:8.0f} chars/s  errors {r['errors']}", flush=True)
+            rss[name] = rss_mib(process.pid)
+        finally:
+            stop(process)
+
+    bundled_env = {k: v for k, v in env.items() if k != "LYRICS_MAX_QUEUE"}
+    process, url, startup = start(lyrics, bundled_env, work / "bundled.log")
+    try:
+        httpx.post(f"{url}/generate", json={"prefix": "分开"}, timeout=60).raise_for_status()
+        bundled_rss = rss_mib(process.pid)
+    finally:
+        stop(process)
+
+    print()
+    print(report(args, results, ceiling, vocab, rss, startup, bundled_rss))
+
+
+def report(args, results, ceiling, vocab, rss, startup, bundled_rss) -> str:
+    lines = [f"Machine: {platform.processor() or platform.machine()}, {len(os.sched_getaffinity(0))} cores, "
+             f"torch {torch.__version__}, {args.threads} torch threads per process, GRU 256 one-hot, "
+             f"vocabulary {vocab}, CPU.",
+             f"Command: `{' '.join(shlex.quote(a) for a in ['.venv/bin/python', 'bench/serve_load.py', *sys.argv[1:]])}`",
+             "",
+             "| mode | conc. | requests | baseline p50 / p99 ms | service p50 / p99 ms | baseline chars/s | "
+             "service chars/s | chars/s ratio | p50 ratio | service req/s | errors (b/s) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for (name, mode, c), s in results.items():
+        if name != "service":
+            continue
+        b = results.get(("baseline", mode, c))
+        if b is None:
+            continue
+        lines.append(f"| {mode} | {c} | {s['n']} | {b['p50']:.0f} / {b['p99']:.0f} | {s['p50']:.0f} / {s['p99']:.0f} | "
+                     f"{b['cps']:,.0f} | {s['cps']:,.0f} | {s['cps'] / b['cps']:.1f}x | {s['p50'] / b['p50']:.2f} | "
+                     f"{s['rps']:.1f} | {b['errors']} / {s['errors']} |")
+    top = max(args.concurrency)
+    lines += ["", f"Bare batched model step at batch {top} (same run, no server): {ceiling:,.0f} chars/s; the service "
+              f"at concurrency {top}: " + ", ".join(f"{m} {results['service', m, top]['cps'] / ceiling:.0%}"
+                                                     for m in args.modes if ('service', m, top) in results) + ".",
+              f"Resident memory after the load: baseline {rss.get('baseline', float('nan')):.0f} MiB, "
+              f"service {rss.get('service', float('nan')):.0f} MiB.",
+              f"Service with the bundled models: ready in {startup:.1f} s, {bundled_rss:.0f} MiB resident "
+              f"after one request."]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
