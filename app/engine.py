@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from collections import Counter, defaultdict
@@ -32,6 +33,7 @@ import torch
 from model_store.generate import Batch, Completion, Delta, Generation, Row, prefill_rows
 
 T = TypeVar("T")
+log = logging.getLogger("app.engine")
 _END = object()
 
 
@@ -106,10 +108,14 @@ class Scheduler:
                         return
                     waiting = self.admissible()
                 posts: dict[asyncio.AbstractEventLoop, list] = defaultdict(list)
-                self.admit(waiting, posts)
-                self.retire_stopped(posts)
-                if self.batch.rows:
-                    self.step(posts)
+                try:
+                    self.admit(waiting, posts)
+                    self.retire_stopped(posts)
+                    if self.batch.rows:
+                        self.step(posts)
+                except Exception as e:  # a fault here must not leave clients waiting: fail them, start afresh
+                    log.exception("scheduler fault; failing %d running request(s)", len(self.active))
+                    self.fail_all(e, posts)
                 for loop, items in posts.items():
                     try:
                         loop.call_soon_threadsafe(post_all, items)
@@ -172,6 +178,12 @@ class Scheduler:
         for job in {row.owner for row, _ in produced if row.finish}:
             if job in self.active and all(r.finish for r in job.rows):
                 self.end(job, "completed", posts)
+
+    def fail_all(self, error: Exception, posts) -> None:
+        self.batch = Batch(self.model, self.vocab)
+        for job in list(self.active):
+            job.error = error
+            self.end(job, "error", posts)
 
     def end(self, job: Job, outcome: str, posts) -> None:
         self.active.discard(job)

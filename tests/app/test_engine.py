@@ -130,6 +130,27 @@ async def test_a_failing_request_fails_alone(engine, checkpoints):
     assert engine.finished["error"] == 1 and engine.in_flight == 0
 
 
+async def test_a_scheduler_fault_fails_the_running_requests_and_the_engine_keeps_serving(engine, checkpoints,
+                                                                                     monkeypatch):
+    from app.engine import Scheduler
+
+    ck = checkpoints["gru"]
+    original, faults = Scheduler.retire_stopped, []
+
+    def faulty_once(self, posts):
+        if not faults:
+            faults.append(1)
+            raise RuntimeError("injected scheduler fault")
+        return original(self, posts)
+
+    monkeypatch.setattr(Scheduler, "retire_stopped", faulty_once)
+    with pytest.raises(RuntimeError, match="injected"):
+        with anyio.fail_after(10):  # the fault must end the request, not leave it waiting
+            await engine.complete(Generation(ck.model, ck.vocab, "分开", 10))
+    assert engine.finished["error"] == 1 and engine.in_flight == 0
+    assert await engine.complete(Generation(ck.model, ck.vocab, "你说", 10)) == generate(ck.model, ck.vocab, "你说", 10)
+
+
 # Mixed requests for the batching tests: models, prefix lengths (some equal, so prefilled
 # together), lengths, n, greedy and seeded sampling with every sampler setting, stop strings.
 PREFIXES = ["分开", "你说", "我", "手中的铅笔", "窗外的麻雀 在", "分开的爱 我不要\n"]
