@@ -15,6 +15,8 @@
   (scoring) on a small thread pool; `in_flight` counts the sequences being generated,
   `queued` the generations waiting, `finished` the generations done by outcome
   (completed, cancelled, timeout, error).
+* `retire(model)` lets the scheduler of a model that is no longer served (after a reload)
+  finish its requests and exit; a late request for that model gets a short-lived one.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import asyncio
 import logging
 import threading
 import time
+import weakref
 from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -89,8 +92,9 @@ def post_all(posts: list[tuple[asyncio.Queue, Any]]) -> None:
 class Scheduler:
     """The batch of one model and the thread that steps it."""
 
-    def __init__(self, engine: Engine, generation: Generation):
+    def __init__(self, engine: Engine, generation: Generation, retiring: bool = False):
         self.engine, self.model, self.vocab = engine, generation.model, generation.vocab
+        self.retiring = retiring  # exit once idle (the model is no longer served); guarded by engine.lock
         self.inbox: list[Job] = []  # guarded by engine.lock
         self.active: set[Job] = set()  # scheduler thread only
         self.batch = Batch(self.model, self.vocab)
@@ -102,9 +106,12 @@ class Scheduler:
         with torch.inference_mode():
             while True:
                 with engine.wake:
-                    while not self.inbox and not self.active and not engine.stopping:
+                    while not self.inbox and not self.active and not engine.stopping and not self.retiring:
                         engine.wake.wait()
                     if engine.stopping:
+                        return
+                    if self.retiring and not self.inbox and not self.active:
+                        engine.draining.remove(self)  # nothing left to serve: let the old model go
                         return
                     waiting = self.admissible()
                 posts: dict[asyncio.AbstractEventLoop, list] = defaultdict(list)
@@ -209,7 +216,10 @@ class Engine:
         self.pending = 0  # sequences admitted and not finished, plus scoring calls
         self.finished: Counter[str] = Counter()  # generations by outcome: completed, cancelled, timeout, error
         self.jobs: set[Job] = set()
+        # Keyed by id(model): the scheduler holds its model, so the id cannot be reused while it is here.
         self.schedulers: dict[int, Scheduler] = {}
+        self.draining: list[Scheduler] = []  # retired, finishing their requests; each removes itself when done
+        self.retired: weakref.WeakSet = weakref.WeakSet()  # models no longer served
         self.executor: ThreadPoolExecutor | None = None
         self.stopping = False
 
@@ -228,11 +238,12 @@ class Engine:
         with self.wake:
             self.stopping = True
             self.wake.notify_all()
-        for scheduler in self.schedulers.values():
+        schedulers = [*self.schedulers.values(), *self.draining]
+        for scheduler in schedulers:
             scheduler.thread.join()
         self.executor.shutdown(wait=True, cancel_futures=True)
         self.executor = None
-        for scheduler in self.schedulers.values():
+        for scheduler in schedulers:
             posts: dict = defaultdict(list)
             for job in list(scheduler.active):
                 scheduler.end(job, "cancelled", posts)
@@ -244,6 +255,7 @@ class Engine:
             for items in posts.values():
                 post_all(items)  # stop() runs on the event loop (the lifespan)
         self.schedulers.clear()
+        self.draining.clear()
 
     def _admit(self, units: int) -> None:
         if not self.running:
@@ -262,13 +274,28 @@ class Engine:
         job = Job(self, generation, stream)
         with self.wake:
             key = id(generation.model)
-            if key not in self.schedulers:
-                self.schedulers[key] = Scheduler(self, generation)
-            self.schedulers[key].inbox.append(job)
+            scheduler = self.schedulers.get(key)
+            if scheduler is None and generation.model in self.retired:
+                # a request that looked its model up before a reload: served by a scheduler that exits after it
+                scheduler = Scheduler(self, generation, retiring=True)
+                self.draining.append(scheduler)
+            elif scheduler is None:
+                scheduler = self.schedulers[key] = Scheduler(self, generation)
+            scheduler.inbox.append(job)
             self.queued += 1
             self.jobs.add(job)
             self.wake.notify_all()
         return job
+
+    def retire(self, model) -> None:
+        """The model is no longer served: its scheduler finishes the requests it has, then its thread exits."""
+        with self.wake:
+            self.retired.add(model)
+            scheduler = self.schedulers.pop(id(model), None)
+            if scheduler is not None:
+                scheduler.retiring = True
+                self.draining.append(scheduler)
+                self.wake.notify_all()
 
     async def complete(self, generation: Generation) -> list[Completion]:
         return await self.submit(generation, stream=False).wait()

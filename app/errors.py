@@ -19,8 +19,8 @@ from starlette.exceptions import HTTPException
 
 log = logging.getLogger("app.errors")
 
-TYPES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 408: "timeout",
-         413: "payload_too_large", 415: "unsupported_media_type", 422: "validation_error",
+TYPES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed", 408: "timeout",
+         409: "conflict", 413: "payload_too_large", 415: "unsupported_media_type", 422: "validation_error",
          429: "too_many_requests", 500: "internal_error", 503: "unavailable", 504: "timeout"}
 
 

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from contextlib import asynccontextmanager
@@ -18,7 +19,8 @@ from app import errors
 from app.engine import Engine
 from app.metrics import Metrics
 from app.middleware import BodyLimit, RequestMetrics
-from app.routes import generate, health, models, perplexity
+from app.routes import admin, generate, health, models, perplexity
+from app.security import ApiKeys, declare_security, parse_keys
 from app.served import StartupError, load_models
 from app.settings import Settings
 
@@ -28,6 +30,9 @@ DESCRIPTION = """Character-level RNN, GRU and LSTM language models that write ly
 
 Every error is `{"error": {"type", "message", "details"?}}`: 404 for an unknown model or
 path, 422 for an invalid field (with `details`), 413 for an oversized body, 503 when busy.
+
+When the server is configured with API keys, every endpoint but `/healthz`, `/readyz` and
+these docs needs `Authorization: Bearer KEY` (or `X-API-Key: KEY`); without one: 401.
 """
 
 
@@ -78,6 +83,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = Metrics()
     errors.install(app)
     routers = [module.router for module in (generate, perplexity, models, health)]
+    if settings.admin_token and settings.admin_token.get_secret_value():
+        routers.append(admin.router)
+        app.state.reload_lock = asyncio.Lock()
     for router in routers:
         app.include_router(router)
 
@@ -87,5 +95,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     paths = {route.path for router in routers for route in router.routes} | {"/", "/docs", "/openapi.json"}
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    # Added after BodyLimit, so it runs first: a request without a key is refused before its body is read.
+    if keys := parse_keys(settings.api_keys.get_secret_value()):
+        app.add_middleware(ApiKeys, keys=keys)
+        declare_security(app)
     app.add_middleware(RequestMetrics, metrics=app.state.metrics, known_paths=paths)
     return app

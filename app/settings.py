@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from model_store.registry import BUNDLED_DIR
@@ -23,6 +23,9 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    # Secrets: SecretStr keeps them out of reprs and tracebacks.
+    api_keys: SecretStr = Field(SecretStr(""), description="comma-separated API keys; empty: no authentication")
+    admin_token: SecretStr | None = Field(None, description="bearer token of POST /admin/reload; unset: no such endpoint")
 
     max_prefix_chars: int = Field(2000, ge=1, description="longest prefix accepted by /generate")
     max_new_chars: int = Field(2000, ge=1, description="largest max_chars accepted by /generate")

@@ -69,9 +69,17 @@ def describe(ck: Checkpoint, default: str | None = None) -> dict:
             "training": t}
 
 
+def outside_directory(path: Path, directory: str | os.PathLike) -> bool:
+    """Whether `path` (a symbolic link, say) resolves to a file outside `directory`."""
+    return not path.resolve().is_relative_to(Path(directory).resolve())
+
+
 def load_directory(directory: str | os.PathLike, device: str | torch.device = "cpu") -> LoadedModels:
     loaded = LoadedModels()
     for path in checkpoint_paths(directory):
+        if outside_directory(path, directory):
+            loaded.skipped[path.name] = "a symbolic link to a file outside the model directory: refused"
+            continue
         try:
             ck = load_checkpoint(path, device=device)
         except CheckpointError as e:
