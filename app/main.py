@@ -14,13 +14,14 @@ import anyio
 import torch
 from fastapi import FastAPI
 from fastapi.responses import RedirectResponse
+from fastapi_offline import FastAPIOffline
 
 from app import errors
 from app.engine import Engine
 from app.metrics import Metrics
 from app.middleware import BodyLimit, RequestMetrics
 from app.routes import admin, generate, health, models, perplexity
-from app.security import ApiKeys, declare_security, parse_keys
+from app.security import DOCS_STATIC, ApiKeys, declare_security, parse_keys
 from app.served import StartupError, load_models
 from app.settings import Settings
 
@@ -78,7 +79,10 @@ def configure_logging(level: str) -> None:
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     configure_logging(settings.log_level)
-    app = FastAPI(title="Lyrics RNN", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
+    # FastAPIOffline: /docs and /redoc load Swagger UI and ReDoc from files shipped in the package,
+    # not from a CDN, so the page works on a machine without internet
+    app = FastAPIOffline(title="Lyrics RNN", version="0.1.0", description=DESCRIPTION, lifespan=lifespan,
+                         static_url=DOCS_STATIC)
     app.state.settings = settings
     app.state.metrics = Metrics()
     errors.install(app)

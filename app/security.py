@@ -17,6 +17,7 @@ from app.errors import error_response
 
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
 ADMIN_PREFIX = "/admin/"
+DOCS_STATIC = "/docs-static"  # Swagger UI's own files, served with /docs
 
 
 def parse_keys(value: str) -> list[str]:
@@ -54,7 +55,8 @@ class ApiKeys:
         self.app, self.keys = app, keys
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["path"] in PUBLIC_PATHS or scope["path"].startswith(ADMIN_PREFIX):
+        path = scope["path"]
+        if scope["type"] != "http" or path in PUBLIC_PATHS or path.startswith((ADMIN_PREFIX, DOCS_STATIC + "/")):
             return await self.app(scope, receive, send)
         key = presented_key(dict(scope["headers"]))
         if not matches(key, self.keys):

@@ -47,7 +47,7 @@ async def test_a_missing_or_wrong_key_gets_401_in_the_error_shape(make_client, k
 
 async def test_probes_and_docs_stay_public(make_client, keyed):
     async with make_client(keyed) as (_, client):
-        for path in ("/healthz", "/readyz", "/docs", "/openapi.json"):
+        for path in ("/healthz", "/readyz", "/docs", "/openapi.json", "/docs-static/swagger-ui-bundle.js"):
             assert (await client.get(path)).status_code == 200, path
 
 

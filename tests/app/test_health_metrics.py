@@ -75,6 +75,15 @@ async def test_each_app_has_its_own_metrics(make_client, settings, client):
         assert metric((await client.get("/metrics")).text, "lyrics_generated_chars_total", model="gru") == 0
 
 
+async def test_the_docs_page_loads_swagger_ui_from_the_service_not_a_cdn(client):
+    page = (await client.get("/docs")).text
+    assert "cdn" not in page.lower() and "https://" not in page
+    for asset in ("swagger-ui-bundle.js", "swagger-ui.css"):
+        assert f"/docs-static/{asset}" in page
+        r = await client.get(f"/docs-static/{asset}")
+        assert r.status_code == 200 and len(r.content) > 10_000
+
+
 async def test_docs_and_openapi_document_every_field_with_defaults(client):
     docs = await client.get("/docs")
     assert docs.status_code == 200 and "swagger" in docs.text.lower()
