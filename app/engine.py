@@ -15,6 +15,8 @@
   (scoring) on a small thread pool; `in_flight` counts the sequences being generated,
   `queued` the generations waiting, `finished` the generations done by outcome
   (completed, cancelled, timeout, error).
+* `drain(timeout_s)` (shutdown) refuses new work with `EngineBusy` and waits for the admitted
+  work to finish, up to the timeout; `stop()` then cancels whatever is left.
 * `retire(model)` lets the scheduler of a model that is no longer served (after a reload)
   finish its requests and exit; a late request for that model gets a short-lived one.
 """
@@ -222,14 +224,24 @@ class Engine:
         self.retired: weakref.WeakSet = weakref.WeakSet()  # models no longer served
         self.executor: ThreadPoolExecutor | None = None
         self.stopping = False
+        self.closing = False  # draining for shutdown: new work gets EngineBusy, running work finishes
 
     @property
     def running(self) -> bool:
         return self.executor is not None
 
     def start(self) -> None:
-        self.stopping = False
+        self.stopping = self.closing = False
         self.executor = ThreadPoolExecutor(self.workers, thread_name_prefix="lyrics-score")
+
+    async def drain(self, timeout_s: float) -> bool:
+        """Shutdown, first half: refuse new work (EngineBusy) and wait up to timeout_s for the generations
+        and scoring calls already admitted to finish. True when everything finished; `stop()` ends the rest."""
+        self.closing = True
+        deadline = time.monotonic() + max(timeout_s, 0.0)
+        while self.running and self.pending > 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        return self.pending <= 0
 
     def stop(self) -> None:
         """Stop the schedulers; running jobs end as cancelled, waiting ones with EngineBusy."""
@@ -260,6 +272,8 @@ class Engine:
     def _admit(self, units: int) -> None:
         if not self.running:
             raise EngineBusy("the engine is not running")
+        if self.closing:
+            raise EngineBusy("the server is shutting down")
         with self.lock:
             if self.pending + units > self.max_batch + self.max_queue and self.pending > 0:
                 raise EngineBusy(f"{self.pending} sequences are running or waiting; try again shortly")

@@ -57,6 +57,12 @@ async def lifespan(app: FastAPI):
     try:
         yield
     finally:
+        # Shutdown: uvicorn has stopped accepting and waited (up to its graceful timeout, which `lyrics serve`
+        # sets to LYRICS_DRAIN_TIMEOUT_S) for open requests. The engine refuses new work (503) and gives what
+        # is still running up to the drain timeout to finish; then stop() cancels the rest.
+        if not await engine.drain(settings.drain_timeout_s):
+            log.warning("drain timeout (%g s) passed: cancelling %d running sequence(s)",
+                        settings.drain_timeout_s, engine.pending)
         app.state.models = None
         engine.stop()
 

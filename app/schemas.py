@@ -234,3 +234,11 @@ class ErrorBody(BaseModel):
     """Every 4xx and 5xx answer."""
 
     error: ErrorInfo
+
+
+# Answers every JSON-body operation can give before its fields are read (documented on each such route).
+BODY_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorBody, "description": "the body could not be parsed (not UTF-8 JSON) or a bad Content-Length"},
+    413: {"model": ErrorBody, "description": "the body is larger than LYRICS_MAX_BODY_BYTES"},
+    415: {"model": ErrorBody, "description": "the body is not sent as application/json"},
+}

@@ -39,6 +39,9 @@ class Settings(BaseSettings):
                                                              "before it is stopped (504, or an error event if streaming)")
     max_batch: int = Field(64, ge=1, description="most sequences one model steps together (one batch per model)")
     max_queue: int = Field(64, ge=0, description="sequences that may wait beyond max_batch before new requests get 503")
+    drain_timeout_s: float = Field(30.0, ge=0, description="on shutdown (SIGTERM), how long running requests may "
+                                                           "take to finish before they are cancelled; new ones get "
+                                                           "503 or a refused connection meanwhile")
     workers: int = Field(2, ge=1, description="threads for /perplexity scoring (generation runs in the batch threads)")
     torch_threads: int = Field(0, ge=0, description="torch intra-op threads, set at start-up (0: one per CPU core)")
 

@@ -7,9 +7,11 @@ same shape as the service's HTTP answer. Errors print one line to stderr and exi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shlex
+import signal
 import sys
 from pathlib import Path
 
@@ -207,6 +209,7 @@ def cmd_serve(args) -> int:
 
     from app.settings import Settings
 
+    GracefulServer = graceful_server_class()
     for option, env in (("host", "LYRICS_HOST"), ("port", "LYRICS_PORT"), ("model_dir", "LYRICS_MODEL_DIR"),
                         ("device", "LYRICS_DEVICE"), ("log_level", "LYRICS_LOG_LEVEL")):
         value = getattr(args, option)
@@ -216,9 +219,31 @@ def cmd_serve(args) -> int:
         settings = Settings()
     except ValidationError as e:
         raise ValueError(f"invalid LYRICS_* setting: {e}") from e
-    uvicorn.run("app.main:create_app", factory=True, host=settings.host, port=settings.port,
-                log_level=settings.log_level, access_log=False)
+    # On SIGTERM uvicorn stops accepting connections at once and waits up to the graceful timeout for the
+    # requests in flight; then the lifespan drains the engine (app.main) and the process exits 0.
+    config = uvicorn.Config("app.main:create_app", factory=True, host=settings.host, port=settings.port,
+                            log_level=settings.log_level, access_log=False,
+                            timeout_graceful_shutdown=settings.drain_timeout_s)
+    GracefulServer(config).run()
     return 0
+
+
+def graceful_server_class():
+    import uvicorn
+
+    class GracefulServer(uvicorn.Server):
+        """uvicorn re-raises the SIGTERM it shut down on, so the process would end killed by the signal
+        (exit -15 / 143); a SIGTERM answered by a complete graceful shutdown exits 0 instead."""
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            with super().capture_signals():
+                yield
+                captured = getattr(self, "_captured_signals", None)
+                if isinstance(captured, list):
+                    captured[:] = [s for s in captured if s != signal.SIGTERM]
+
+    return GracefulServer
 
 
 def read_text(path: str) -> str:

@@ -191,6 +191,7 @@ def train(cfg: TrainConfig, log=None) -> TrainResult:
         raise CorpusError(f"the training part ({len(corpus.train_ids)} characters) is too short for one batch "
                           f"of {cfg.batch_size} x {cfg.num_steps}: lower --batch-size or --num-steps")
     paths = paths_for(cfg.out)
+    remove_stale_temps(paths)
 
     model, optimizer, rng = setup(cfg, corpus, device)
     config = model.config
@@ -230,8 +231,10 @@ def train(cfg: TrainConfig, log=None) -> TrainResult:
             best_val, best_epoch = val_ppl, number
             save_checkpoint(paths["checkpoint"], model, corpus.vocab, cfg.newlines,
                             training_summary(cfg, corpus, history, best_val, best_epoch, seconds, device))
-        save_resume_state(paths["resume"], model, optimizer, rng, cfg, corpus, number, best_val, best_epoch, seconds)
+        # metrics first: a crash between the two leaves a metrics line past the resume state, which a resumed
+        # run drops and writes again, never a resume state whose epoch has no metrics line
         append_metrics(paths["metrics"], record)
+        save_resume_state(paths["resume"], model, optimizer, rng, cfg, corpus, number, best_val, best_epoch, seconds)
         bar.set_postfix(train_ppl=f"{train_ppl:.2f}", val_ppl=f"{val_ppl:.1f}" if val_ppl else "-",
                         chars_s=f"{n_chars / elapsed:,.0f}")
         if prefixes and cfg.sample_every and number % cfg.sample_every == 0:
@@ -328,10 +331,25 @@ def load_resume_state(path: Path, model: CharLM, optimizer: torch.optim.Optimize
     return meta["epoch"], meta["best_val"], meta["best_epoch"], meta["seconds"]
 
 
+def remove_stale_temps(paths: dict[str, Path]) -> None:
+    """Delete the temp files a killed run left half-written (`.NAME.*.tmp` from atomic writes, the plot's
+    `.NAME.tmp.png`). They are never loaded (dot names), only clutter; the real files are whole."""
+    for path in paths.values():
+        for stale in (*path.parent.glob(f".{path.name}.*.tmp"), path.with_name(f".{path.name}.tmp.png")):
+            stale.unlink(missing_ok=True)
+
+
 def read_metrics(path: Path) -> list[dict]:
+    """The metrics lines; a line a killed run left half-written is skipped."""
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    history = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            history.append(json.loads(line))
+        except ValueError:
+            continue
+    return [h for h in history if isinstance(h, dict) and "epoch" in h]
 
 
 def write_metrics(path: Path, history: list[dict]) -> None:

@@ -14,7 +14,7 @@ from app.engine import EngineBusy, EngineTimeout, Job
 from app.errors import ApiError, error_body, invalid
 from app.inputs import drop_unknown, model_text, unknown_error
 from app.metrics import Metrics
-from app.schemas import Choice, ErrorBody, GenerateRequest, GenerateResponse, GenerateUsage
+from app.schemas import BODY_ERRORS, Choice, ErrorBody, GenerateRequest, GenerateResponse, GenerateUsage
 from model_store.checkpoint import Checkpoint
 from model_store.generate import Completion, Generation, SamplingParams
 
@@ -43,14 +43,22 @@ A problem after the stream has started (the request deadline) is sent as
 disconnects stops its generation.
 """
 
-ERRORS = {404: {"model": ErrorBody, "description": "unknown model"},
+# Open API 3.1 reads an event stream's `schema` as the schema of each event, not of the whole body.
+SSE_EVENT = {"type": "object", "required": ["data"], "description": "one server-sent event (see above)",
+             "properties": {"event": {"type": "string", "enum": ["message", "final", "error"],
+                                      "description": "absent (message): a chunk, or the end marker"},
+                            "data": {"type": "string", "description": "JSON: a chunk {index, text}, the final answer "
+                                                                      "or an error object; '[DONE]' at the end"}}}
+
+ERRORS = {**BODY_ERRORS,
+          404: {"model": ErrorBody, "description": "unknown model"},
           422: {"model": ErrorBody, "description": "invalid field, limit exceeded, empty prefix or unknown characters"},
           503: {"model": ErrorBody, "description": "busy (retry after Retry-After seconds) or not ready"},
           504: {"model": ErrorBody, "description": "the generation ran past LYRICS_REQUEST_TIMEOUT_S"}}
 
 
 @router.post("/generate", response_model=GenerateResponse, summary="Generate lyrics", description=STREAM_DOC,
-             responses={200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}}, **ERRORS})
+             responses={200: {"content": {"text/event-stream": {"schema": SSE_EVENT}}}, **ERRORS})
 async def generate(body: GenerateRequest, models: ModelsDep, engine: EngineDep, settings: SettingsDep,
                    metrics: MetricsDep):
     if errors := body.limit_errors(settings):

@@ -10,7 +10,7 @@ from app.deps import EngineDep, MetricsDep, ModelsDep, SettingsDep
 from app.engine import EngineBusy
 from app.errors import ApiError, invalid
 from app.inputs import drop_unknown, model_text, unknown_error
-from app.schemas import ErrorBody, PerplexityRequest, PerplexityResponse, TextScore
+from app.schemas import BODY_ERRORS, ErrorBody, PerplexityRequest, PerplexityResponse, TextScore
 from model_store.checkpoint import Checkpoint, finite_or_none
 from model_store.scoring import score_text
 
@@ -23,7 +23,8 @@ Lower is better; a model that guessed uniformly would score its vocabulary size.
 are over all scored characters together."""
 
 
-ERRORS = {404: {"model": ErrorBody, "description": "unknown model"},
+ERRORS = {**BODY_ERRORS,
+          404: {"model": ErrorBody, "description": "unknown model"},
           422: {"model": ErrorBody, "description": "invalid field, limit exceeded, short text or unknown characters"},
           503: {"model": ErrorBody, "description": "busy (retry after Retry-After seconds) or not ready"}}
 
