@@ -52,6 +52,7 @@ async def lifespan(app: FastAPI):
     engine.start()
     app.state.models, app.state.engine = served, engine
     app.state.metrics.watch(engine, len(served.models))
+    ENGINES.add(engine)
     log.info("ready: %d model(s) on %s, default %s, %d torch thread(s), batches of up to %d",
              len(served.models), served.device, served.default, torch.get_num_threads(), settings.max_batch)
     try:
@@ -65,6 +66,16 @@ async def lifespan(app: FastAPI):
                         settings.drain_timeout_s, engine.pending)
         app.state.models = None
         engine.stop()
+        ENGINES.discard(engine)
+
+
+# The engines of the apps running in this process: `lyrics serve` drains them on SIGTERM while the
+# listener is still open, so requests arriving during the drain get a 503 instead of a refused connection.
+ENGINES: set[Engine] = set()
+
+
+async def drain_all(timeout_s: float) -> None:
+    await asyncio.gather(*(engine.drain(timeout_s) for engine in list(ENGINES)))
 
 
 def usable_cores() -> int:

@@ -219,8 +219,8 @@ def cmd_serve(args) -> int:
         settings = Settings()
     except ValidationError as e:
         raise ValueError(f"invalid LYRICS_* setting: {e}") from e
-    # On SIGTERM uvicorn stops accepting connections at once and waits up to the graceful timeout for the
-    # requests in flight; then the lifespan drains the engine (app.main) and the process exits 0.
+    # On SIGTERM the engines drain first (new requests: 503), then uvicorn stops accepting, waits up to the
+    # graceful timeout for open connections, the lifespan stops the engine and the process exits 0.
     config = uvicorn.Config("app.main:create_app", factory=True, host=settings.host, port=settings.port,
                             log_level=settings.log_level, access_log=False,
                             timeout_graceful_shutdown=settings.drain_timeout_s)
@@ -229,11 +229,31 @@ def cmd_serve(args) -> int:
 
 
 def graceful_server_class():
+    import asyncio
+
     import uvicorn
 
+    from app.main import drain_all
+
     class GracefulServer(uvicorn.Server):
-        """uvicorn re-raises the SIGTERM it shut down on, so the process would end killed by the signal
-        (exit -15 / 143); a SIGTERM answered by a complete graceful shutdown exits 0 instead."""
+        """On SIGTERM, first drain: the engines refuse new work with 503 (and /readyz says so) while
+        the generations in flight finish, up to LYRICS_DRAIN_TIMEOUT_S; only then does uvicorn close
+        its listener and shut down as usual. uvicorn re-raises the SIGTERM it shut down on, so the
+        process would end killed by the signal (exit 143); a completed graceful shutdown exits 0."""
+
+        draining = False
+
+        def handle_exit(self, sig, frame):
+            if sig == signal.SIGTERM and not self.draining and not self.should_exit:
+                self.draining = True
+                loop = asyncio.get_running_loop()  # the signal handler runs on the event loop's thread
+                loop.call_soon_threadsafe(lambda: loop.create_task(self.drain_then_exit(sig, frame)))
+                return
+            super().handle_exit(sig, frame)
+
+        async def drain_then_exit(self, sig, frame):
+            await drain_all(self.config.timeout_graceful_shutdown or 0)
+            super().handle_exit(sig, frame)
 
         @contextlib.contextmanager
         def capture_signals(self):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response
 
 from app.deps import MetricsDep, get_engine, get_models
+from app.errors import ApiError
 from app.schemas import ErrorBody, Health, Ready
 
 router = APIRouter(tags=["health"])
@@ -19,7 +20,8 @@ async def healthz() -> dict:
             responses={503: {"model": ErrorBody, "description": "not ready yet (or shutting down)"}})
 async def readyz(request: Request) -> dict:
     models = get_models(request)
-    get_engine(request)
+    if get_engine(request).closing:
+        raise ApiError(503, "not_ready", "shutting down: finishing the requests in flight")
     return {"status": "ready", "default": models.default, "models": list(models.models), "device": models.device}
 
 

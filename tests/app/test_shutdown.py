@@ -121,10 +121,14 @@ def test_sigterm_finishes_streams_in_flight_refuses_new_requests_and_exits_0(sma
             assert event.wait(30)
         sigterm = time.monotonic()
         process.send_signal(signal.SIGTERM)
-        time.sleep(0.3)  # uvicorn closes its listener first thing on SIGTERM
-        with pytest.raises(httpx.ConnectError):
-            httpx.post(f"{base_url}/generate", json={"prefix": "分开", "max_chars": 5}, timeout=5)
+        time.sleep(0.3)
+        # draining: the listener stays open, new work and the readiness probe get 503, liveness stays 200
+        refused = httpx.post(f"{base_url}/generate", json={"prefix": "分开", "max_chars": 5}, timeout=5)
         refused_at = time.monotonic() - sigterm
+        assert refused.status_code == 503 and "Retry-After" in refused.headers, refused.text
+        assert refused.json()["error"]["message"] == "the server is shutting down"
+        assert httpx.get(f"{base_url}/readyz", timeout=5).status_code == 503
+        assert httpx.get(f"{base_url}/healthz", timeout=5).status_code == 200
         still_running = process.poll() is None
         for t in threads:
             t.join(DRAIN_S + 10)
@@ -136,7 +140,7 @@ def test_sigterm_finishes_streams_in_flight_refuses_new_requests_and_exits_0(sma
             process.wait()
         process.log_file.close()
     finished = [r[2] - sigterm for r in results if r is not None]
-    print(f"\nSIGTERM: new request refused at +{refused_at:.2f} s (server still running: {still_running}); "
+    print(f"\nSIGTERM: new request answered 503 at +{refused_at:.2f} s (server still running: {still_running}); "
           f"streams finished at +{', +'.join(f'{t:.2f}' for t in finished)} s; exit {rc} at +{exited:.2f} s")
     assert still_running, "the server exited before the streams had finished"
     for status, text, _ in results:
