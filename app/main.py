@@ -9,11 +9,12 @@ import asyncio
 import logging
 import os
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import anyio
 import torch
 from fastapi import FastAPI
-from fastapi.responses import RedirectResponse
+from fastapi.responses import HTMLResponse
 from fastapi_offline import FastAPIOffline
 
 from app import errors
@@ -26,6 +27,9 @@ from app.served import StartupError, load_models
 from app.settings import Settings
 
 log = logging.getLogger("app")
+
+# GET /: one self-contained page (inline CSS and JS, no external URL), read once at import.
+PLAYGROUND = (Path(__file__).parent / "static" / "playground.html").read_text(encoding="utf-8")
 
 DESCRIPTION = """Character-level RNN, GRU and LSTM language models that write lyrics.
 
@@ -110,9 +114,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for router in routers:
         app.include_router(router)
 
-    @app.get("/", include_in_schema=False)
-    async def index() -> RedirectResponse:
-        return RedirectResponse("/docs")
+    @app.get("/", include_in_schema=False, response_class=HTMLResponse)
+    async def playground() -> HTMLResponse:
+        return HTMLResponse(PLAYGROUND)
 
     paths = {route.path for router in routers for route in router.routes} | {"/", "/docs", "/openapi.json"}
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)

@@ -87,7 +87,6 @@ async def test_the_docs_page_loads_swagger_ui_from_the_service_not_a_cdn(client)
 async def test_docs_and_openapi_document_every_field_with_defaults(client):
     docs = await client.get("/docs")
     assert docs.status_code == 200 and "swagger" in docs.text.lower()
-    assert (await client.get("/", follow_redirects=False)).headers["location"] == "/docs"
     spec = (await client.get("/openapi.json")).json()
     assert {"/generate", "/perplexity", "/models", "/models/{name}", "/healthz", "/readyz", "/metrics"} <= set(
         spec["paths"])
@@ -131,3 +130,18 @@ def test_settings_defaults(monkeypatch):
             monkeypatch.delenv(name)
     s = Settings()
     assert (s.model_dir, s.device, s.default_model, s.host, s.port) == (BUNDLED_DIR, "auto", None, "127.0.0.1", 8000)
+
+
+PLAYGROUND_IDS = ("model", "prefix", "max-chars", "temperature", "top-p", "seed", "generate", "stop", "output", "error",
+                  "score-text", "score", "score-result")
+
+
+async def test_the_root_serves_the_self_contained_playground(client):
+    r = await client.get("/", follow_redirects=False)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    page = r.text
+    assert "http://" not in page and "https://" not in page and "//cdn" not in page.lower()
+    for element in PLAYGROUND_IDS:
+        assert f'id="{element}"' in page, element
+    assert "Noto Sans CJK SC" in page and "pre-wrap" in page
+    assert "/" not in (await client.get("/openapi.json")).json()["paths"]
