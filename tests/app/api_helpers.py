@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import subprocess
+import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -114,3 +117,26 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+LYRICS = str(Path(sys.executable).parent / "lyrics")
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """This process's environment without LYRICS_* settings, plus `extra`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LYRICS_")}
+    return {**env, **extra}
+
+
+@contextmanager
+def serving(model_dir, log_path, **env: str):
+    """`lyrics serve` on `model_dir` at a free loopback port, ready: yields (base_url, process)."""
+    port = free_port()
+    process = start_server([LYRICS, "serve", "--host", "127.0.0.1", "--port", str(port), "--model-dir",
+                            str(model_dir), "--device", "cpu"], clean_env(**env), log_path)
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(base_url, process, log_path)
+        yield base_url, process
+    finally:
+        stop_server(process)

@@ -3,42 +3,39 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 import pytest
-from api_helpers import assert_error, free_port, metric, read_tail, start_server, stop_server, stream_parts, wait_ready
+from api_helpers import (
+    LYRICS,
+    assert_error,
+    clean_env,
+    free_port,
+    metric,
+    read_tail,
+    serving,
+    start_server,
+    stop_server,
+    stream_parts,
+    wait_ready,
+)
 
 from model_store.generate import SamplingParams, generate
 from model_store.registry import BUNDLED_DIR, checkpoint_paths
 from model_store.scoring import score_text
 
-LYRICS = str(Path(sys.executable).parent / "lyrics")
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LYRICS_")}
-    return {**env, **extra}
-
 
 @pytest.fixture(scope="module")
 def server(model_dir, tmp_path_factory):
     """`lyrics serve` on the test models, options from the command line and limits from LYRICS_*."""
-    port, log = free_port(), tmp_path_factory.mktemp("server") / "server.log"
-    env = clean_env(LYRICS_MAX_NEW_CHARS="100000", LYRICS_MAX_BODY_BYTES="65536", LYRICS_DEFAULT_MODEL="gru")
-    process = start_server([LYRICS, "serve", "--host", "127.0.0.1", "--port", str(port), "--model-dir",
-                            str(model_dir), "--device", "cpu"], env, log)
-    base_url = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(base_url, process, log)
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    with serving(model_dir, log, LYRICS_MAX_NEW_CHARS="100000", LYRICS_MAX_BODY_BYTES="65536",
+                 LYRICS_DEFAULT_MODEL="gru") as (base_url, _):
         yield base_url, log
-    finally:
-        stop_server(process)
 
 
 @pytest.fixture

@@ -11,8 +11,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from api_helpers import assert_error, free_port, metric, start_server, stop_server, wait_ready
-from test_integration import LYRICS, clean_env
+from api_helpers import assert_error, metric, serving
 
 CLIENTS = 60
 MAX_BATCH = MAX_QUEUE = 4
@@ -30,17 +29,10 @@ def rss_mib(pid: int) -> float:
 
 @pytest.fixture(scope="module")
 def small_server(model_dir, tmp_path_factory):
-    port, log = free_port(), tmp_path_factory.mktemp("overload") / "server.log"
-    env = clean_env(LYRICS_MAX_BATCH=str(MAX_BATCH), LYRICS_MAX_QUEUE=str(MAX_QUEUE), LYRICS_TORCH_THREADS="1",
-                    LYRICS_DEFAULT_MODEL="gru", LYRICS_LOG_LEVEL="warning")
-    process = start_server([LYRICS, "serve", "--host", "127.0.0.1", "--port", str(port), "--model-dir",
-                            str(model_dir), "--device", "cpu"], env, log)
-    base_url = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(base_url, process, log)
-        yield base_url, process
-    finally:
-        stop_server(process)
+    log = tmp_path_factory.mktemp("overload") / "server.log"
+    with serving(model_dir, log, LYRICS_MAX_BATCH=str(MAX_BATCH), LYRICS_MAX_QUEUE=str(MAX_QUEUE),
+                 LYRICS_TORCH_THREADS="1", LYRICS_DEFAULT_MODEL="gru", LYRICS_LOG_LEVEL="warning") as server:
+        yield server
 
 
 async def burst(base_url: str, clients: int, window_s: float) -> tuple[list[httpx.Response], list[int]]:

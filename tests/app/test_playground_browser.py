@@ -7,18 +7,16 @@ machine and fail in CI (CI=true), where .ci/run installs it.
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import httpx
 import pytest
-from api_helpers import free_port, start_server, stop_server, wait_ready
+from api_helpers import serving
 
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
         "--disable-sync", "--no-first-run", "--disable-quic"]
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
-LYRICS = str(Path(sys.executable).parent / "lyrics")
 TIMEOUT_MS = 15_000
 
 
@@ -41,17 +39,9 @@ def browser():
 @pytest.fixture(scope="module")
 def server(browser, model_dir, tmp_path_factory):
     """`lyrics serve` on the small test models, on a free loopback port."""
-    port, log = free_port(), tmp_path_factory.mktemp("playground") / "server.log"
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("LYRICS_")},
-           "LYRICS_MAX_NEW_CHARS": "100000", "LYRICS_DEFAULT_MODEL": "gru"}
-    process = start_server([LYRICS, "serve", "--host", "127.0.0.1", "--port", str(port), "--model-dir",
-                            str(model_dir), "--device", "cpu"], env, log)
-    base_url = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(base_url, process, log)
+    log = tmp_path_factory.mktemp("playground") / "server.log"
+    with serving(model_dir, log, LYRICS_MAX_NEW_CHARS="100000", LYRICS_DEFAULT_MODEL="gru") as (base_url, _):
         yield base_url
-    finally:
-        stop_server(process)
 
 
 @pytest.fixture
