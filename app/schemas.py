@@ -25,20 +25,12 @@ class StrictBody(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
-class GenerateRequest(StrictBody):
-    """Continue a prefix, character by character."""
-
-    model_config = ConfigDict(json_schema_extra={"examples": [
-        {"prefix": "分开"},
-        {"prefix": "分开", "max_chars": 80, "temperature": 0.8, "top_k": 20, "seed": 7, "n": 2},
-        {"prefix": "分开", "max_chars": 100, "temperature": 0.7, "stop": ["\n"], "stream": True},
-    ]})
+class ContinueFields(StrictBody):
+    """The fields of a continuation that /generate and /compare share, and their limit checks."""
 
     prefix: str = Field(max_length=1_000_000, examples=["分开"], description=(
         "text to continue: at least one character (the model needs a character to start from), at most "
         "LYRICS_MAX_PREFIX_CHARS. For models trained with newlines='space', newlines become spaces."))
-    model: str | None = Field(None, max_length=200, examples=["gru"],
-                              description="a name from GET /models; default: the service's default model")
     max_chars: int = Field(50, ge=0, le=1_000_000, description=(
         "characters to generate at most, up to LYRICS_MAX_NEW_CHARS (omitted: 50, or that limit if lower)"))
     temperature: float = Field(0.0, ge=0.0, le=100.0, description="0: greedy (always the likeliest character, "
@@ -52,10 +44,8 @@ class GenerateRequest(StrictBody):
         "stop as soon as one of these strings is generated; it is not included in the text "
         "(at most LYRICS_MAX_STOP strings of LYRICS_MAX_STOP_CHARS characters)"))
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description=(
-        "seed for sampled text (temperature > 0): the same seed gives the same text. Choice i uses seed + i. "
-        "Omitted: a random seed, returned in the answer"))
-    n: int = Field(1, ge=1, le=1000, description="number of continuations (up to LYRICS_MAX_N)")
-    stream: bool = Field(False, description="answer with server-sent events as the text is generated")
+        "seed for sampled text (temperature > 0): the same seed gives the same text (on /generate choice i "
+        "uses seed + i). Omitted: a random seed, returned in the answer"))
     unknown: Unknown = Field("error", description=UNKNOWN_HELP)
 
     @field_validator("prefix")
@@ -82,12 +72,32 @@ class GenerateRequest(StrictBody):
              f"the prefix has {len(self.prefix)} characters; the limit is {settings.max_prefix_chars}"),
             ("max_chars", self.max_chars <= settings.max_new_chars,
              f"must be at most {settings.max_new_chars}"),
-            ("n", self.n <= settings.max_n, f"must be at most {settings.max_n}"),
             ("stop", len(self.stop) <= settings.max_stop, f"at most {settings.max_stop} stop strings"),
             ("stop", all(len(s) <= settings.max_stop_chars for s in self.stop),
              f"each stop string must be at most {settings.max_stop_chars} characters"),
         ]
         return [{"loc": ["body", field], "msg": msg, "type": "limit_exceeded"} for field, ok, msg in checks if not ok]
+
+
+class GenerateRequest(ContinueFields):
+    """Continue a prefix, character by character."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"prefix": "分开"},
+        {"prefix": "分开", "max_chars": 80, "temperature": 0.8, "top_k": 20, "seed": 7, "n": 2},
+        {"prefix": "分开", "max_chars": 100, "temperature": 0.7, "stop": ["\n"], "stream": True},
+    ]})
+
+    model: str | None = Field(None, max_length=200, examples=["gru"],
+                              description="a name from GET /models; default: the service's default model")
+    n: int = Field(1, ge=1, le=1000, description="number of continuations (up to LYRICS_MAX_N)")
+    stream: bool = Field(False, description="answer with server-sent events as the text is generated")
+
+    def limit_errors(self, settings: Settings) -> list[dict]:
+        errors = super().limit_errors(settings)
+        if self.n > settings.max_n:
+            errors.append({"loc": ["body", "n"], "msg": f"must be at most {settings.max_n}", "type": "limit_exceeded"})
+        return errors
 
 
 class Choice(BaseModel):
