@@ -110,3 +110,53 @@ def test_two_characters_are_enough(model):
     s = score_text(model, VOCAB, "ab")
     assert s.chars_scored == 1
     assert s.cross_entropy == pytest.approx(manual_cross_entropy(model, VOCAB.encode("ab")), rel=1e-6)
+
+
+def manual_nll(model, ids: list[int]) -> list[float]:
+    """Each character's nll from one forward pass over the whole text (character 0 has none)."""
+    x = torch.tensor(ids)
+    with torch.no_grad():
+        logits, _ = model(x[None])
+    return F.cross_entropy(logits[0, :-1], x[1:], reduction="none").tolist()
+
+
+def test_per_char_covers_every_character_and_its_mean_is_the_cross_entropy(model):
+    s = score_text(model, VOCAB, TEXT, per_char=True)
+    assert "".join(c.char for c in s.per_char) == TEXT
+    assert s.per_char[0].nll is None  # nothing before it to predict it from
+    scored = [c.nll for c in s.per_char[1:]]
+    assert None not in scored and len(scored) == s.chars_scored
+    assert sum(scored) / len(scored) == pytest.approx(s.cross_entropy, rel=1e-12)
+    assert scored == pytest.approx(manual_nll(model, VOCAB.encode(TEXT)), rel=1e-5)
+
+
+def test_per_char_bits_are_nats_over_ln_2(model):
+    s = score_text(model, VOCAB, "abcde", per_char=True)
+    assert s.per_char[0].nll_bits is None
+    assert all(c.nll_bits == pytest.approx(c.nll / math.log(2), rel=1e-12) for c in s.per_char[1:])
+
+
+def test_per_char_is_off_unless_asked(model):
+    s = score_text(model, VOCAB, TEXT)
+    assert s.per_char is None and s.nll is None
+
+
+@pytest.mark.parametrize("window", [1, 7, 70])
+def test_windowed_per_char_equals_one_window(model, monkeypatch, window):
+    whole = [c.nll for c in score_text(model, VOCAB, TEXT, per_char=True).per_char[1:]]
+    monkeypatch.setattr(scoring, "WINDOW", window)
+    windowed = [c.nll for c in score_text(model, VOCAB, TEXT, per_char=True).per_char[1:]]
+    assert windowed == pytest.approx(whole, rel=1e-5)
+
+
+def test_skipped_unknown_characters_have_no_nll_and_the_rest_score_as_the_clean_text(model):
+    noisy = "XabcY龙de" + TEXT
+    s = score_text(model, VOCAB, noisy, unknown="skip", per_char=True)
+    clean = score_text(model, VOCAB, "abcde" + TEXT, per_char=True)
+    assert "".join(c.char for c in s.per_char) == noisy
+    assert [c.nll for c in s.per_char if c.char in "XY龙"] == [None, None, None]
+    assert s.per_char[1].nll is None  # 'a', the first known character, has nothing before it
+    kept = [c.nll for c in s.per_char if c.char not in "XY龙"]
+    assert kept[0] is None and kept[1:] == pytest.approx([c.nll for c in clean.per_char[1:]], rel=1e-6)
+    scored = [c.nll for c in s.per_char if c.nll is not None]
+    assert len(scored) == s.chars_scored and sum(scored) / len(scored) == pytest.approx(s.cross_entropy, rel=1e-12)
