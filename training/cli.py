@@ -19,6 +19,7 @@ from model_store.checkpoint import CheckpointError, load_checkpoint
 from model_store.generate import SamplingParams, generate
 from model_store.registry import BUNDLED_DIR, LoadedModels, describe, load_directory, resolve, resolve_device
 from model_store.scoring import score_text
+from model_store.surprisal import surprisal_json
 from model_store.vocab import UnknownCharactersError, normalise_newlines
 from training.corpus import CorpusError
 from training.train import DEFAULT_LR, TrainConfig, train
@@ -108,6 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--file", help="UTF-8 file to score")
     p.add_argument("--unknown", default="error", choices=["error", "skip"],
                    help="characters outside the vocabulary: fail, or drop them and count them")
+    p.add_argument("--per-char", action="store_true",
+                   help="also every character's nll (nats and bits) and the most surprising spans")
+    p.add_argument("--top-spans", type=non_negative_int, default=3, help="with --per-char: how many spans")
+    p.add_argument("--span-chars", type=positive_int, default=3, help="with --per-char: characters per span")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
     m = sub.add_parser("models", help="list the checkpoints in a directory",
@@ -175,13 +180,32 @@ def cmd_perplexity(args) -> int:
     ck = open_model(args)
     text = args.text if args.text is not None else read_text(args.file)
     text = normalise_newlines(text, ck.newlines)
-    s = score_text(ck.model, ck.vocab, text, unknown=args.unknown)
+    s = score_text(ck.model, ck.vocab, text, unknown=args.unknown, per_char=args.per_char)
     body = {"model": ck.name, "perplexity": s.perplexity, "cross_entropy": s.cross_entropy,
             "bits_per_char": s.bits_per_char, "chars_scored": s.chars_scored, "unknown_skipped": s.unknown_skipped}
+    if args.per_char:
+        body.update(surprisal_json(s, args.top_spans, args.span_chars))
     print(json.dumps(body, ensure_ascii=False) if args.json else
           f"{ck.name}: perplexity {s.perplexity:.3f}, cross-entropy {s.cross_entropy:.4f} nats/char "
           f"over {s.chars_scored} characters" + (f" ({s.unknown_skipped} unknown skipped)" if s.unknown_skipped else ""))
+    if args.per_char and not args.json:
+        print_surprisal(body, args.span_chars)
     return 0
+
+
+def print_surprisal(body: dict, span_chars: int) -> None:
+    """The spans, then one line per character (offset, character, nats, bits; '-' where none was predicted)."""
+    def shown(text: str) -> str:
+        return json.dumps(text, ensure_ascii=False)
+
+    print(f"most surprising {span_chars}-character spans (total over the scored characters):")
+    for span in body["surprising_spans"]:
+        print(f"  [{span['start']}, {span['end']}) {shown(span['text'])}: {span['nats']:.3f} nats "
+              f"({span['bits']:.3f} bits), {span['mean_nats']:.3f} nats per character")
+    print("per character (offset, character, nats, bits):")
+    for i, c in enumerate(body["per_char"]):
+        nll = "-\t-" if c["nll"] is None else f"{c['nll']:.4f}\t{c['nll_bits']:.4f}"
+        print(f"  {i}\t{shown(c['char'])}\t{nll}")
 
 
 def cmd_models(args) -> int:

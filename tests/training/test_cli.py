@@ -196,6 +196,34 @@ def test_perplexity_without_json_prints_one_readable_line(capsys, model_dir, lyr
     assert out.startswith("rnn: perplexity ") and f"over {len(lyric) - 1} characters" in out
 
 
+def test_perplexity_per_char_json_lists_every_character_and_the_spans(capsys, model_dir, trained, lyric):
+    text = "Q" + lyric
+    code, out, _ = run_cli(capsys, "perplexity", "--dir", str(model_dir), "--text", text, "--unknown", "skip",
+                           "--per-char", "--top-spans", "2", "--span-chars", "4", "--json")
+    assert code == 0
+    body = json.loads(out)
+    assert [c["char"] for c in body["per_char"]] == list(text)
+    assert body["per_char"][0]["nll"] is None and body["per_char"][1]["nll"] is None  # unknown 'Q', then the first
+    scored = [c["nll"] for c in body["per_char"] if c["nll"] is not None]
+    assert len(scored) == body["chars_scored"]
+    assert sum(scored) / len(scored) == pytest.approx(body["cross_entropy"], rel=1e-9)
+    expected = score_text(trained.model, trained.vocab, lyric, per_char=True)
+    assert scored == pytest.approx([c.nll for c in expected.per_char[1:]], rel=1e-9)
+    spans = body["surprising_spans"]
+    assert len(spans) == 2 and all(s["end"] - s["start"] == 4 and text[s["start"]:s["end"]] == s["text"]
+                                   for s in spans)
+    assert spans[0]["nats"] >= spans[1]["nats"]
+
+
+def test_perplexity_per_char_without_json_prints_the_spans_and_a_line_per_character(capsys, model_dir, lyric):
+    code, out, _ = run_cli(capsys, "perplexity", "--dir", str(model_dir), "--text", lyric, "--per-char")
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0].startswith("rnn: perplexity ")
+    assert lines[1].startswith("most surprising 3-character spans") and len(lines) == 1 + 1 + 3 + 1 + len(lyric)
+    assert lines[-len(lyric)].split("\t")[1:] == ['"分"', "-", "-"]
+
+
 def test_perplexity_of_a_missing_file_exits_2(capsys, model_dir, tmp_path):
     code, _, err = run_cli(capsys, "perplexity", "--dir", str(model_dir), "--file", str(tmp_path / "gone.txt"))
     assert code == 2 and "gone.txt" in err
