@@ -142,6 +142,7 @@ class PerplexityRequest(StrictBody):
     model_config = ConfigDict(json_schema_extra={"examples": [
         {"text": "分开的爱 我不要"},
         {"text": ["分开的爱", "我不要 再想你"], "model": "gru", "unknown": "skip"},
+        {"text": "分开的爱 我不要", "per_char": True, "top_spans": 2, "span_chars": 2},
     ]})
 
     text: str | list[str] = Field(description=(
@@ -149,6 +150,12 @@ class PerplexityRequest(StrictBody):
         "LYRICS_MAX_TEXT_CHARS: the first character is only read, every later one is predicted"))
     model: str | None = Field(None, max_length=200, description="a name from GET /models; default: the default model")
     unknown: Unknown = Field("error", description=UNKNOWN_HELP)
+    per_char: bool = Field(False, description=(
+        "also answer every character's nll (`per_char`) and the most surprising spans (`surprising_spans`); "
+        "the texts together may then have at most LYRICS_MAX_PER_CHAR_CHARS characters"))
+    top_spans: int = Field(3, ge=0, le=100, description="with per_char: how many surprising spans per text")
+    span_chars: int = Field(3, ge=1, le=100, description="with per_char: characters per span (a shorter text: "
+                                                         "the whole text)")
 
     @property
     def texts(self) -> list[str]:
@@ -166,6 +173,10 @@ class PerplexityRequest(StrictBody):
             if len(t) > settings.max_text_chars:
                 errors.append({"loc": loc, "msg": f"the text has {len(t)} characters; the limit is "
                                                   f"{settings.max_text_chars}", "type": "limit_exceeded"})
+        if self.per_char and (total := sum(map(len, self.texts))) > settings.max_per_char_chars:
+            errors.append({"loc": ["body", "text"], "type": "limit_exceeded",
+                           "msg": f"with per_char the texts may have {settings.max_per_char_chars} characters in all "
+                                  f"(LYRICS_MAX_PER_CHAR_CHARS); these have {total}"})
         return errors
 
 
@@ -178,12 +189,50 @@ class Score(BaseModel):
     unknown_characters: list[str] = Field([], description="the distinct characters dropped")
 
 
-class TextScore(Score):
+class CharSurprisal(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"char": "开", "nll": 2.31, "nll_bits": 3.33},
+                                                              {"char": "分", "nll": None, "nll_bits": None}]})
+
+    char: str
+    nll: float | None = Field(description="nats: -ln p(char | every character before it); null where nothing "
+                                          "was predicted: the first character and characters dropped as unknown")
+    nll_bits: float | None = Field(description="nll / ln 2")
+
+
+class SurprisingSpan(BaseModel):
+    """span_chars consecutive characters, ranked by the total nll of their scored characters."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"start": 4, "end": 6, "text": "我不", "nats": 9.2, "bits": 13.27, "mean_nats": 4.6, "mean_bits": 6.64,
+         "chars_scored": 2}]})
+
+    start: int = Field(description="offset of the first character in per_char (the text as the model read it)")
+    end: int = Field(description="offset just past the last character")
+    text: str
+    nats: float = Field(description="total nll of the span's scored characters")
+    bits: float
+    mean_nats: float = Field(description="nats / chars_scored")
+    mean_bits: float
+    chars_scored: int
+
+
+class Surprisal(BaseModel):
+    per_char: list[CharSurprisal] | None = Field(None, description=(
+        "with per_char: every character of the text, as the model read it (newlines handled), in order; the mean "
+        "of the non-null nll is cross_entropy"))
+    surprising_spans: list[SurprisingSpan] | None = Field(None, description=(
+        "with per_char: the top_spans spans of span_chars characters with the highest total nll, most surprising "
+        "first, no two overlapping"))
+
+
+class TextScore(Score, Surprisal):
     index: int
 
 
-class PerplexityResponse(Score):
-    """The top-level numbers are over all texts together (for one text: that text's)."""
+class PerplexityResponse(Score, Surprisal):
+    """The top-level numbers are over all texts together (for one text: that text's). With per_char,
+    `per_char` and `surprising_spans` are in each entry of `results`, and at the top level too when
+    `text` is one string."""
 
     model: str
     unknown: Unknown

@@ -34,6 +34,8 @@ class Settings(BaseSettings):
     max_stop_chars: int = Field(64, ge=1, description="longest stop string")
     max_texts: int = Field(32, ge=1, description="most texts per /perplexity request")
     max_text_chars: int = Field(100_000, ge=2, description="longest text accepted by /perplexity")
+    max_per_char_chars: int = Field(20_000, ge=2, description="most characters over all texts of a /perplexity "
+                                                              "request with per_char (each gets a line in the answer)")
     max_body_bytes: int = Field(1_000_000, ge=1024, description="largest request body, in bytes (413 above)")
     request_timeout_s: float = Field(60.0, gt=0, description="longest a generation may run, queue time included, "
                                                              "before it is stopped (504, or an error event if streaming)")

@@ -13,6 +13,7 @@ from app.inputs import drop_unknown, model_text, unknown_error
 from app.schemas import BODY_ERRORS, ErrorBody, PerplexityRequest, PerplexityResponse, TextScore
 from model_store.checkpoint import Checkpoint, finite_or_none
 from model_store.scoring import score_text
+from model_store.surprisal import surprisal_json
 
 router = APIRouter(tags=["perplexity"])
 
@@ -20,7 +21,17 @@ DOC = """Perplexity = exp(mean cross-entropy) of each text under the model, the 
 through the whole text: every character after the first is predicted from all before it.
 Lower is better; a model that guessed uniformly would score its vocabulary size.
 `text` may be a list: each text gets its own entry in `results`, and the top-level numbers
-are over all scored characters together."""
+are over all scored characters together.
+
+**Per-character surprisal** (`"per_char": true`): `per_char` lists every character of the
+text as the model read it, `{"char", "nll", "nll_bits"}`, with nll = -ln p(char | all before it)
+in nats. The first character has nothing before it to be predicted from, and characters
+dropped with `"unknown": "skip"` are not predicted: their nll is null. The mean of the
+other nlls is `cross_entropy`. `surprising_spans` are the `top_spans` runs of `span_chars`
+consecutive characters with the highest total nll (offsets into `per_char`), most surprising
+first, never overlapping. Both are in each entry of `results`, and at the top level when
+`text` is one string. The texts of such a request may have at most
+LYRICS_MAX_PER_CHAR_CHARS characters together."""
 
 
 ERRORS = {**BODY_ERRORS,
@@ -38,13 +49,15 @@ async def perplexity(body: PerplexityRequest, models: ModelsDep, engine: EngineD
     ck = models.get(body.model)
     texts, missing = prepare_texts(ck, body)
     try:
-        scores = await engine.run(score_all, ck, texts, body.unknown)
+        scores = await engine.run(score_all, ck, texts, body.unknown, body.per_char)
     except EngineBusy as e:
         raise ApiError(503, "busy", str(e), headers={"Retry-After": "1"}) from e
     results = [TextScore(index=i, perplexity=finite_or_none(s.perplexity), cross_entropy=s.cross_entropy,
                          bits_per_char=s.bits_per_char, chars_scored=s.chars_scored, unknown_skipped=s.unknown_skipped,
-                         unknown_characters=missing[i] if s.unknown_skipped else [])
+                         unknown_characters=missing[i] if s.unknown_skipped else [],
+                         **(surprisal_json(s, body.top_spans, body.span_chars) if body.per_char else {}))
                for i, s in enumerate(scores)]
+    one = results[0] if isinstance(body.text, str) else None  # one text: its surprisal at the top level too
     chars = sum(s.chars_scored for s in scores)
     ce = sum(s.cross_entropy * s.chars_scored for s in scores) / chars
     metrics.scored_chars.labels(ck.name).inc(chars)
@@ -52,7 +65,9 @@ async def perplexity(body: PerplexityRequest, models: ModelsDep, engine: EngineD
                               perplexity=finite_or_none(math.exp(ce) if ce < 700 else math.inf), cross_entropy=ce,
                               bits_per_char=ce / math.log(2), chars_scored=chars,
                               unknown_skipped=sum(s.unknown_skipped for s in scores),
-                              unknown_characters=list(dict.fromkeys(c for r in results for c in r.unknown_characters)))
+                              unknown_characters=list(dict.fromkeys(c for r in results for c in r.unknown_characters)),
+                              per_char=one.per_char if one else None,
+                              surprising_spans=one.surprising_spans if one else None)
 
 
 def prepare_texts(ck: Checkpoint, body: PerplexityRequest) -> tuple[list[str], list[list[str]]]:
@@ -75,5 +90,5 @@ def prepare_texts(ck: Checkpoint, body: PerplexityRequest) -> tuple[list[str], l
     return texts, missing
 
 
-def score_all(ck: Checkpoint, texts: list[str], unknown: str):
-    return [score_text(ck.model, ck.vocab, t, unknown=unknown) for t in texts]
+def score_all(ck: Checkpoint, texts: list[str], unknown: str, per_char: bool = False):
+    return [score_text(ck.model, ck.vocab, t, unknown=unknown, per_char=per_char) for t in texts]

@@ -118,3 +118,65 @@ async def test_configurable_limits(make_client, model_dir):
         assert_error(await post(client, text=["分开", "分开", "分开"]), 422, "limit_exceeded")
         error = assert_error(await post(client, text="分开的爱我不"), 422, "limit_exceeded")
         assert error["details"][0]["loc"] == ["body", "text"]
+
+
+async def test_per_char_lists_every_character_with_its_nll_and_the_mean_is_the_cross_entropy(client, checkpoints):
+    body = (await post(client, text=TEXT, per_char=True)).json()
+    ck = checkpoints["gru"]
+    expected = score_text(ck.model, ck.vocab, TEXT, per_char=True)
+    per_char = body["per_char"]
+    assert [c["char"] for c in per_char] == list(TEXT)
+    assert per_char[0] == {"char": TEXT[0], "nll": None, "nll_bits": None}
+    scored = [c["nll"] for c in per_char[1:]]
+    assert scored == pytest.approx([c.nll for c in expected.per_char[1:]], rel=1e-9)
+    assert sum(scored) / len(scored) == pytest.approx(body["cross_entropy"], rel=1e-9)
+    assert all(c["nll_bits"] == pytest.approx(c["nll"] / math.log(2)) for c in per_char[1:])
+    assert body["results"][0]["per_char"] == per_char
+
+
+async def test_per_char_spans_are_the_most_surprising_runs(client):
+    body = (await post(client, text=TEXT, per_char=True, top_spans=2, span_chars=4)).json()
+    spans = body["surprising_spans"]
+    nll = [c["nll"] or 0.0 for c in body["per_char"]]
+    best = max(sum(nll[s:s + 4]) for s in range(len(nll) - 3))
+    assert len(spans) == 2 and spans[0]["nats"] == pytest.approx(best)
+    for span in spans:
+        assert span["end"] - span["start"] == 4 and span["text"] == TEXT[span["start"]:span["end"]]
+        assert span["nats"] == pytest.approx(sum(nll[span["start"]:span["end"]]))
+        assert span["bits"] == pytest.approx(span["nats"] / math.log(2))
+    assert spans[0]["end"] <= spans[1]["start"] or spans[1]["end"] <= spans[0]["start"]
+
+
+async def test_per_char_is_absent_unless_asked(client):
+    body = (await post(client, text=TEXT)).json()
+    assert body["per_char"] is None and body["surprising_spans"] is None
+    assert body["results"][0]["per_char"] is None
+
+
+async def test_per_char_of_a_list_is_per_result(client):
+    body = (await post(client, text=["分开的爱", "我不要"], per_char=True)).json()
+    assert body["per_char"] is None  # several texts: see each result
+    assert ["".join(c["char"] for c in r["per_char"]) for r in body["results"]] == ["分开的爱", "我不要"]
+    assert all(r["per_char"][0]["nll"] is None for r in body["results"])
+
+
+async def test_per_char_marks_skipped_unknown_characters_and_the_text_as_read(client, checkpoints):
+    body = (await post(client, text="x分开\r\n的y爱", model="rnn", unknown="skip", per_char=True)).json()
+    per_char = body["per_char"]
+    assert "".join(c["char"] for c in per_char) == "x分开 的y爱"  # newlines as spaces for this model
+    assert [c["nll"] is None for c in per_char] == [True, True, False, False, False, True, False]
+    assert sum(1 for c in per_char if c["nll"] is not None) == body["chars_scored"] == 4
+
+
+async def test_per_char_total_length_is_limited(make_client, model_dir):
+    settings = Settings(model_dir=model_dir, device="cpu", max_per_char_chars=6)
+    async with make_client(settings) as (_, client):
+        assert (await post(client, text=["分开的", "我不要"], per_char=True)).status_code == 200
+        assert (await post(client, text="分开的爱 我不要")).status_code == 200  # without per_char: no such limit
+        error = assert_error(await post(client, text=["分开的", "我不要 "], per_char=True), 422, "limit_exceeded")
+        assert "LYRICS_MAX_PER_CHAR_CHARS" in error["message"] and "7" in error["message"]
+
+
+@pytest.mark.parametrize("field", [{"top_spans": -1}, {"top_spans": 101}, {"span_chars": 0}, {"per_char": "maybe"}])
+async def test_per_char_parameters_out_of_range_are_422(client, field):
+    assert_error(await post(client, **{"text": TEXT, "per_char": True, **field}), 422, "validation_error")
