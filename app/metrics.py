@@ -23,6 +23,9 @@ class Metrics:
                                        ["model"], registry=r)
         self.scored_chars = Counter("lyrics_scored_chars", "Characters scored by /perplexity, by model",
                                     ["model"], registry=r)
+        self.compare_latency = Histogram("lyrics_compare_generation_seconds",
+                                         "POST /compare: each model's generation, from submission to its last "
+                                         "character, by model", ["model"], buckets=LATENCY_BUCKETS, registry=r)
         self.in_flight = Gauge("lyrics_inflight_sequences", "Sequences being generated now", registry=r)
         self.queued = Gauge("lyrics_queued_requests", "Generations waiting for a worker", registry=r)
         self.models_loaded = Gauge("lyrics_models_loaded", "Models loaded and served", registry=r)

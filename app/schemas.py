@@ -239,11 +239,37 @@ class PerplexityResponse(Score, Surprisal):
     results: list[TextScore]
 
 
-class ModelInfo(BaseModel):
-    model_config = ConfigDict(extra="allow")
+class CompareRequest(ContinueFields):
+    """Run one prefix, with the same settings and seed, through several models."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"prefix": "分开"},
+        {"prefix": "分开", "models": ["rnn", "gru", "lstm"], "max_chars": 40, "temperature": 0.8, "seed": 7,
+         "text": "分开的爱 我不要"},
+    ]})
+
+    models: list[str] | None = Field(None, min_length=1, max_length=64, examples=[["rnn", "gru", "lstm"]],
+                                     description="names from GET /models, each once; default: every loaded model")
+    text: str | None = Field(None, max_length=1_000_000, examples=["分开的爱 我不要"], description=(
+        "a text every model scores (perplexity side by side), at least two characters and at most "
+        "LYRICS_MAX_TEXT_CHARS; omitted: nothing is scored (a model's perplexity on its own output says more "
+        "about the sampling settings than about the model)"))
+
+    def limit_errors(self, settings: Settings) -> list[dict]:
+        errors = super().limit_errors(settings)
+        if self.text is not None and len(self.text) > settings.max_text_chars:
+            errors.append({"loc": ["body", "text"], "type": "limit_exceeded",
+                           "msg": f"the text has {len(self.text)} characters; the limit is {settings.max_text_chars}"})
+        if self.models and len(set(self.models)) < len(self.models):
+            errors.append({"loc": ["body", "models"], "type": "duplicate_model",
+                           "msg": "each model may be named once"})
+        return errors
+
+
+class ModelSummary(BaseModel):
+    """A model's name, cell and sizes, from its checkpoint."""
 
     name: str
-    default: bool
     cell: str
     hidden_size: int
     num_layers: int
@@ -251,6 +277,50 @@ class ModelInfo(BaseModel):
     vocab_size: int
     parameters: int
     newlines: str = Field(description="'keep': the model writes line breaks; 'space': newlines become spaces")
+
+
+class Provenance(ModelSummary):
+    """How a model was made, from its checkpoint (null where the checkpoint does not say)."""
+
+    epochs: int | None = Field(description="epochs trained")
+    best_epoch: int | None = Field(description="the epoch kept (lowest validation perplexity)")
+    train_perplexity: float | None
+    val_perplexity: float | None
+    command: str | None = Field(description="the training command line")
+    corpus_sha256: str | None = Field(description="SHA-256 of the training corpus file")
+    corpus_chars: int | None
+    created_at: str | None
+
+
+class CompareResult(BaseModel):
+    model: str
+    prefix: str = Field(description="the prefix as this model read it (newlines or unknown characters handled)")
+    text: str = Field(description="prefix + generated")
+    generated: str
+    finish_reason: Literal["length", "stop"]
+    latency_ms: float = Field(description="this model's generation, from submission to its last character "
+                                          "(time waiting for a place in its batch included)")
+    score: Score | None = Field(description="the request's `text` scored by this model; null without `text`")
+    score_ms: float | None = Field(description="time to score `text`; null without it")
+    unknown_skipped: int = Field(0, description="characters dropped from the prefix for this model "
+                                                "(unknown='skip')")
+    unknown_characters: list[str] = Field([], description="the distinct characters dropped from the prefix")
+    provenance: Provenance
+
+
+class CompareResponse(BaseModel):
+    """One result per model, in the order of `models` (default: the order of GET /models)."""
+
+    prefix: str
+    seed: int | None = Field(description="the seed every model sampled with (null for greedy)")
+    text: str | None = Field(description="the text scored by every model (null: none was sent)")
+    results: list[CompareResult]
+
+
+class ModelInfo(ModelSummary):
+    model_config = ConfigDict(extra="allow")
+
+    default: bool
     impl: str = Field(description="'scratch' (per-step equations) or 'fused' (torch.nn RNN/GRU/LSTM)")
     device: str
     dtype: str

@@ -12,7 +12,7 @@ from app.errors import ApiError, invalid
 from app.inputs import drop_unknown, model_text, unknown_error
 from app.schemas import BODY_ERRORS, ErrorBody, PerplexityRequest, PerplexityResponse, TextScore
 from model_store.checkpoint import Checkpoint, finite_or_none
-from model_store.scoring import score_text
+from model_store.scoring import Score, score_text
 from model_store.surprisal import surprisal_json
 
 router = APIRouter(tags=["perplexity"])
@@ -52,9 +52,7 @@ async def perplexity(body: PerplexityRequest, models: ModelsDep, engine: EngineD
         scores = await engine.run(score_all, ck, texts, body.unknown, body.per_char)
     except EngineBusy as e:
         raise ApiError(503, "busy", str(e), headers={"Retry-After": "1"}) from e
-    results = [TextScore(index=i, perplexity=finite_or_none(s.perplexity), cross_entropy=s.cross_entropy,
-                         bits_per_char=s.bits_per_char, chars_scored=s.chars_scored, unknown_skipped=s.unknown_skipped,
-                         unknown_characters=missing[i] if s.unknown_skipped else [],
+    results = [TextScore(index=i, **score_fields(s, missing[i]),
                          **(surprisal_json(s, body.top_spans, body.span_chars) if body.per_char else {}))
                for i, s in enumerate(scores)]
     one = results[0] if isinstance(body.text, str) else None  # one text: its surprisal at the top level too
@@ -75,19 +73,34 @@ def prepare_texts(ck: Checkpoint, body: PerplexityRequest) -> tuple[list[str], l
     texts, missing, errors = [], [], []
     for i, text in enumerate(body.texts):
         loc = ["body", "text"] + ([i] if isinstance(body.text, list) else [])
-        text = model_text(ck, text)
-        unknown = ck.vocab.unknown(text)
-        if unknown and body.unknown == "error":
-            errors.append(unknown_error(ck, unknown, loc))
-        elif len(drop_unknown(ck, text)[0]) < 2:
-            what = "after dropping unknown characters, " if unknown else ""
-            errors.append({"loc": loc, "type": "too_short",
-                           "msg": f"{what}the text has fewer than two characters: nothing to predict"})
+        text, unknown, error = scorable_text(ck, text, body.unknown, loc)
         texts.append(text)
         missing.append(unknown)
+        if error:
+            errors.append(error)
     if errors:
         raise invalid(errors)
     return texts, missing
+
+
+def scorable_text(ck: Checkpoint, text: str, unknown: str, loc: list) -> tuple[str, list[str], dict | None]:
+    """The text as the model reads it, its unknown characters, and the field error if it cannot be scored."""
+    text = model_text(ck, text)
+    missing = ck.vocab.unknown(text)
+    if missing and unknown == "error":
+        return text, missing, unknown_error(ck, missing, loc)
+    if len(drop_unknown(ck, text)[0]) < 2:
+        what = "after dropping unknown characters, " if missing else ""
+        return text, missing, {"loc": loc, "type": "too_short",
+                               "msg": f"{what}the text has fewer than two characters: nothing to predict"}
+    return text, missing, None
+
+
+def score_fields(s: Score, missing: list[str]) -> dict:
+    """The fields of a `schemas.Score` from model_store's score of a text with these unknown characters."""
+    return {"perplexity": finite_or_none(s.perplexity), "cross_entropy": s.cross_entropy,
+            "bits_per_char": s.bits_per_char, "chars_scored": s.chars_scored, "unknown_skipped": s.unknown_skipped,
+            "unknown_characters": missing if s.unknown_skipped else []}
 
 
 def score_all(ck: Checkpoint, texts: list[str], unknown: str, per_char: bool = False):

@@ -65,6 +65,13 @@ def steered(draw, case, chars: list[str]):
     elif isinstance(case.body, dict) and case.path == "/perplexity":
         texts = draw(st.lists(known_text.filter(lambda t: len(t) > 1), min_size=1, max_size=3))
         case.body = {**case.body, "model": model, "text": texts if draw(st.booleans()) else texts[0]}
+    elif isinstance(case.body, dict) and case.path == "/compare":
+        text = draw(st.none() | known_text.filter(lambda t: len(t) > 1))
+        body = {k: v for k, v in case.body.items() if k != "text"}
+        case.body = {**body, "models": draw(st.none() | st.sampled_from([[model], MODELS])),
+                     "prefix": draw(known_text), "max_chars": min(case.body.get("max_chars", 20), 40),
+                     "stop": case.body.get("stop", [])[:3], "unknown": "error",
+                     **({"text": text} if text is not None else {})}
     return case
 
 
