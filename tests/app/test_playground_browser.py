@@ -133,3 +133,61 @@ def test_scoring_a_text_shows_its_perplexity(page):
     page.wait_for_selector("#score-result[data-perplexity]")
     assert float(page.get_attribute("#score-result", "data-perplexity")) > 0
     assert "Perplexity" in page.inner_text("#score-result") and "7 characters" in page.inner_text("#score-result")
+
+
+def test_scoring_shows_a_per_character_heat_map_and_the_surprising_spans(page, server):
+    text = "分开的爱 我不要\n你说"
+    page.fill("#score-text", text)
+    page.click("#score")
+    page.wait_for_selector("#score-result[data-perplexity]")
+    expected = httpx.post(server + "/perplexity", json={"text": text, "model": "gru", "per_char": True,
+                                                        "top_spans": 3, "span_chars": 2}, timeout=30).json()
+    cells = page.eval_on_selector_all(
+        "#heatmap .char", "cs => cs.map(c => [c.textContent, c.dataset.nll, c.classList.contains('unscored'), "
+                          "getComputedStyle(c).backgroundColor, c.title])")
+    assert "".join(c[0] for c in cells) == text
+    assert cells[0][1] == "" and cells[0][2] and "first character" in cells[0][4]
+    shown = [float(c[1]) for c in cells[1:]]
+    assert shown == pytest.approx([c["nll"] for c in expected["per_char"][1:]], rel=1e-6)
+    assert "nats" in cells[1][4] and "bits" in cells[1][4]
+    # the most surprising character is drawn darker than the least surprising one
+    alpha = {c[1]: float(c[3].rsplit(",", 1)[1].rstrip(")")) for c in cells[1:]}
+    assert alpha[cells[1 + shown.index(max(shown))][1]] > alpha[cells[1 + shown.index(min(shown))][1]]
+    spans = page.eval_on_selector_all("#surprising li", "ls => ls.map(l => l.textContent)")
+    assert len(spans) == len(expected["surprising_spans"]) == 3
+    assert spans[0].startswith(f"“{expected['surprising_spans'][0]['text']}”")
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.locator("#score-title").locator("..").screenshot(path=str(ARTIFACTS / "playground-heatmap.png"))
+
+
+def test_compare_runs_every_model_side_by_side(page, server):
+    fill_generation(page, "分开", 30, 0)
+    page.fill("#score-text", "分开的爱 我不要")
+    page.click("#compare")
+    page.wait_for_selector("#compare-results[data-state='done']")
+    expected = httpx.post(server + "/compare", json={"prefix": "分开", "max_chars": 30, "temperature": 0,
+                                                     "top_p": 1, "text": "分开的爱 我不要"}, timeout=30).json()
+    cards = page.eval_on_selector_all(
+        ".compare-card", "cs => cs.map(c => ({model: c.dataset.model, text: c.querySelector('.compare-text')"
+                         ".textContent, ppl: c.querySelector('.perplexity').dataset.perplexity, "
+                         "ms: c.querySelector('.latency').dataset.latencyMs, all: c.textContent, "
+                         "top: c.getBoundingClientRect().top}))")
+    assert [c["model"] for c in cards] == [r["model"] for r in expected["results"]] == ["gru", "rnn"]
+    for card, result in zip(cards, expected["results"], strict=True):
+        assert card["text"] == result["text"]  # greedy: the same text as the API's
+        assert float(card["ppl"]) == pytest.approx(result["score"]["perplexity"], rel=1e-6)
+        assert float(card["ms"]) > 0
+        assert "Val perplexity" in card["all"] and result["provenance"]["corpus_sha256"][:12] in card["all"]
+    assert cards[0]["top"] == cards[1]["top"]  # side by side on a wide screen
+    assert "greedy" in page.inner_text("#compare-status")
+    assert page.is_enabled("#compare") and page.inner_text("#compare-error") == ""
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "playground-compare.png"), full_page=True)
+
+
+def test_compare_names_unknown_characters(page):
+    fill_generation(page, "分开☃", 10, 0)
+    page.click("#compare")
+    page.wait_for_selector("#compare-results[data-state='error']", state="attached")
+    message = page.inner_text("#compare-error")
+    assert page.is_visible("#compare-error") and "☃" in message and "model gru" in message
