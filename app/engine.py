@@ -152,7 +152,7 @@ class Scheduler:
         for group in by_length.values():
             try:
                 rows = [row for job in group for row in job.generation.rows(owner=job)]
-                self.batch.add(rows, *prefill_rows(self.model, [j.generation.ids for j in group], [j.n for j in group]))
+                self.batch.add(rows, *prefill_rows(self.model, [j.generation for j in group]))
             except Exception as e:  # a bad request fails alone
                 for job in group:
                     job.error = e

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
+from model_store.constraints import Constraints, Plan, Tracker, mask_logits
 from model_store.model import CharLM, State
+from model_store.state import Snapshot
 from model_store.vocab import Vocabulary
 
 
@@ -44,6 +46,9 @@ class Completion:
     generated: str
     finish_reason: str  # "length" or "stop"
     seed: int | None  # the seed that reproduces this sample (None for greedy)
+    constraints_met: dict[str, bool] | None = None  # per requested constraint, read from `generated`
+    # where the text stopped (its model state), when asked for; a stripped stop string is part of it
+    state: Snapshot | None = field(default=None, compare=False, repr=False)
 
 
 def row_generator(seed: int) -> torch.Generator:
@@ -140,23 +145,28 @@ class Delta:
 
 class Row:
     """One continuation's bookkeeping: its sampler settings and random stream, the text so far,
-    stop strings and hold-back. It holds no tensors; its model state is a row of a `Batch`."""
+    stop strings and hold-back, its constraint `tracker` (None: unconstrained). Its model state is a
+    row of a `Batch`; `snapshot` is a copy of it taken when the row finishes, if `keep_state`."""
 
     def __init__(self, params: SamplingParams, seed: int | None, stop: Sequence[str], max_chars: int,
-                 index: int = 0, owner=None):
+                 index: int = 0, owner=None, tracker: Tracker | None = None, keep_state: bool = False):
         self.params, self.seed, self.stop, self.max_chars = params, seed, stop, max_chars
         self.generator = row_generator(seed) if seed is not None else None
         self.index, self.owner = index, owner  # which choice of which request
+        self.tracker, self.keep_state = tracker, keep_state
+        self.snapshot: Snapshot | None = None
         self.text, self.emitted = "", 0
         self.finish: str | None = None if max_chars > 0 else "length"
 
-    def push(self, char: str) -> str:
+    def push(self, char: str, index: int) -> str:
         """Append one generated character; return the text that is now safe to show ('' if none)."""
         self.text += char
+        if self.tracker is not None:
+            self.tracker.push(index)
         if any(self.text.endswith(s) for s in self.stop):
             self.finish = "stop"
             self.text = strip_stop(self.text, self.stop)
-        elif len(self.text) >= self.max_chars:
+        elif len(self.text) >= self.max_chars or (self.tracker is not None and self.tracker.done):
             self.finish = "length"
         safe = len(self.text) - (0 if self.finish else held_back(self.text, self.stop))
         if safe <= self.emitted:
@@ -165,20 +175,41 @@ class Row:
         return new
 
     def completion(self, prefix: str) -> Completion:
-        return Completion(prefix + self.text, self.text, self.finish or "length", self.seed)
+        met = self.tracker.plan.met(self.text) if self.tracker is not None else None
+        return Completion(prefix + self.text, self.text, self.finish or "length", self.seed, met, self.snapshot)
 
 
-def prefill_rows(model: CharLM, prefixes: Sequence[Sequence[int]], counts: Sequence[int]
-                 ) -> tuple[torch.Tensor, State, torch.Tensor]:
-    """Prefill prefixes of one length in one call; prefix i's logits, state and seen-mask
-    rows are repeated counts[i] times (its n continuations), in order."""
+def prefill_rows(model: CharLM, generations: Sequence[Generation]) -> tuple[torch.Tensor, State, torch.Tensor]:
+    """Prefill the inputs (`ids`, all of one length) of several generations in one call, each from
+    its start state; generation i's logits, state and seen-mask rows are repeated n times, in order."""
     device = model.dense.weight.device
-    logits, state = model(torch.tensor([list(p) for p in prefixes], device=device))
-    seen = torch.zeros(len(prefixes), model.config.vocab_size, dtype=torch.bool, device=device)
-    for i, ids in enumerate(prefixes):
-        seen[i, torch.tensor(list(ids), device=device)] = True
-    index = torch.repeat_interleave(torch.arange(len(prefixes), device=device), torch.tensor(counts, device=device))
+    start = model.init_state(len(generations), device)
+    seen = torch.zeros(len(generations), model.config.vocab_size, dtype=torch.bool, device=device)
+    for i, g in enumerate(generations):
+        if g.start is not None:
+            for whole, part in zip(as_tuple(start), as_tuple(g.start.state), strict=True):
+                whole[:, i] = part[:, 0].to(device)
+            seen[i] = g.start.seen.to(device)
+        seen[i, torch.tensor(g.ids, device=device)] = True
+    logits, state = model(torch.tensor([g.ids for g in generations], device=device), start)
+    counts = torch.tensor([g.n for g in generations], device=device)
+    index = torch.repeat_interleave(torch.arange(len(generations), device=device), counts)
     return logits[:, -1].index_select(0, index), select_state(state, index), seen.index_select(0, index)
+
+
+def as_tuple(state: State) -> tuple[torch.Tensor, ...]:
+    return state if isinstance(state, tuple) else (state,)
+
+
+def state_to(state: State, device, copy: bool = False) -> State:
+    if isinstance(state, tuple):
+        return tuple(s.to(device, copy=copy) for s in state)
+    return state.to(device, copy=copy)
+
+
+def snapshot(state: State, last: int, seen: torch.Tensor) -> Snapshot:
+    """A CPU copy of one row's position: its state (all but the last character read), that character, seen-mask."""
+    return Snapshot(state_to(state, "cpu", copy=True), last, seen.to("cpu", copy=True))
 
 
 class Batch:
@@ -225,12 +256,17 @@ class Batch:
     def step(self) -> list[tuple[Row, str]]:
         """One character for every row: each row with the text it made safe to show."""
         rows = self.rows
-        chosen = sample_next(self.logits, [r.params for r in rows], self.seen, [r.generator for r in rows])
+        logits = mask_logits(self.logits, [r.tracker for r in rows])
+        chosen = sample_next(logits, [r.params for r in rows], self.seen, [r.generator for r in rows])
         chars = self.vocab.idx_to_char
-        produced = [(row, row.push(chars[c])) for row, c in zip(rows, chosen.tolist(), strict=True)]
+        produced = [(row, row.push(chars[c], c)) for row, c in zip(rows, chosen.tolist(), strict=True)]
         self.seen[torch.arange(len(rows), device=chosen.device), chosen] = True
         live = [i for i, r in enumerate(rows) if r.finish is None]
         if len(live) < len(rows):
+            for i, row in enumerate(rows):
+                if row.finish is not None and row.keep_state:  # its state has read all but the last character
+                    state = select_state(self.state, torch.tensor([i], device=chosen.device))
+                    row.snapshot = snapshot(state, int(chosen[i]), self.seen[i])
             chosen = chosen[torch.tensor(live, dtype=torch.long, device=chosen.device)]
             self.keep(live)
         if self.rows:
@@ -246,20 +282,28 @@ class Generation:
     a stop string is held back until it is known not to be); afterwards `completions`
     holds the finished results. Choice i of a sampled request uses seed `seed + i`, so
     n=1 reproduces choice 0 of a larger n. Raises UnknownCharactersError for characters
-    outside the vocabulary and ValueError for an empty prefix (the model needs one
-    character to start from) or out-of-range sizes. The service's engine does not iterate
-    it: it steps the `rows()` of many generations in one shared `Batch`.
+    outside the vocabulary, ValueError for an empty prefix without a `start` (the model
+    needs one character to start from) or out-of-range sizes, and ConstraintError for
+    impossible `constraints`. The service's engine does not iterate it: it steps the
+    `rows()` of many generations in one shared `Batch`.
+
+    `start` continues a text from its `Snapshot`: the model reads the text's last character
+    and then `prefix`, exactly as if it had been given the whole text. `keep_state` puts each
+    choice's own snapshot in its `Completion.state`.
     """
 
     def __init__(self, model: CharLM, vocab: Vocabulary, prefix: str, max_chars: int = 50,
                  params: SamplingParams = SamplingParams(), stop: Sequence[str] = (),
-                 seed: int | None = None, n: int = 1):
-        if not prefix:
+                 seed: int | None = None, n: int = 1, start: Snapshot | None = None, keep_state: bool = False,
+                 constraints: Constraints | None = None):
+        if not prefix and start is None:
             raise ValueError("prefix must contain at least one character")
         if max_chars < 0 or n < 1:
             raise ValueError("max_chars must be >= 0 and n >= 1")
         self.model, self.vocab, self.prefix = model, vocab, prefix
-        self.ids = vocab.encode(prefix)
+        self.start, self.keep_state = start, keep_state
+        self.ids = ([start.last] if start is not None else []) + vocab.encode(prefix)  # what the model reads
+        self.plan = Plan(constraints, vocab, max_chars, model.dense.weight.device) if constraints else None
         self.max_chars, self.params, self.n = max_chars, params, n
         self.stop = [s for s in stop if s]
         if params.temperature > 0 and seed is None:
@@ -268,16 +312,32 @@ class Generation:
         self.completions: list[Completion] = []
 
     def rows(self, owner=None) -> list[Row]:
-        return [Row(self.params, s, self.stop, self.max_chars, i, owner) for i, s in enumerate(self.seeds)]
+        return [Row(self.params, s, self.stop, self.max_chars, i, owner, self.plan and self.plan.tracker(),
+                    self.keep_state) for i, s in enumerate(self.seeds)]
 
     def finish(self, rows: list[Row]) -> None:
+        for row in rows:
+            if row.keep_state and row.finish and row.snapshot is None:  # nothing generated (max_chars 0)
+                row.snapshot = self.read_all_but_last()
         self.completions = [row.completion(self.prefix) for row in rows]
+
+    def read_all_but_last(self) -> Snapshot:
+        """The snapshot after reading the input but its last character (for a row that generated nothing)."""
+        device = self.model.dense.weight.device
+        start = self.model.init_state(1) if self.start is None else state_to(self.start.state, device)
+        seen = torch.zeros(self.model.config.vocab_size, dtype=torch.bool)
+        if self.start is not None:
+            seen |= self.start.seen.cpu()
+        seen[self.ids] = True
+        with torch.no_grad():
+            state = self.model(torch.tensor([self.ids[:-1]], device=device), start)[1] if len(self.ids) > 1 else start
+        return snapshot(state, self.ids[-1], seen)
 
     def __iter__(self) -> Iterator[Delta]:
         # grad mode is thread-local state: set it per block, never across a yield
         rows, batch = self.rows(), Batch(self.model, self.vocab)
         with torch.no_grad():
-            batch.add(rows, *prefill_rows(self.model, [self.ids], [self.n]))
+            batch.add(rows, *prefill_rows(self.model, [self]))
         while batch.rows:
             with torch.no_grad():
                 produced = batch.step()
@@ -289,9 +349,10 @@ class Generation:
 
 def generate(model: CharLM, vocab: Vocabulary, prefix: str, max_chars: int = 50,
              params: SamplingParams = SamplingParams(), stop: Sequence[str] = (),
-             seed: int | None = None, n: int = 1) -> list[Completion]:
-    """Continue `prefix` with up to `max_chars` characters, `n` times (see `Generation`)."""
-    generation = Generation(model, vocab, prefix, max_chars, params, stop, seed, n)
+             seed: int | None = None, n: int = 1, **options) -> list[Completion]:
+    """Continue `prefix` with up to `max_chars` characters, `n` times (see `Generation`, which
+    takes the `options` start, keep_state and constraints)."""
+    generation = Generation(model, vocab, prefix, max_chars, params, stop, seed, n, **options)
     for _ in generation:
         pass
     return generation.completions
