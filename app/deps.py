@@ -11,6 +11,7 @@ from app.errors import ApiError
 from app.metrics import Metrics
 from app.served import ServedModels
 from app.settings import Settings
+from model_store.state import StateCodec
 
 
 def get_settings(request: Request) -> Settings:
@@ -28,6 +29,10 @@ def get_models(request: Request) -> ServedModels:
     return models
 
 
+def get_state_codec(request: Request) -> StateCodec:
+    return request.app.state.state_codec
+
+
 def get_engine(request: Request) -> Engine:
     engine = getattr(request.app.state, "engine", None)
     if engine is None or not engine.running:
@@ -39,3 +44,4 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 ModelsDep = Annotated[ServedModels, Depends(get_models)]
 EngineDep = Annotated[Engine, Depends(get_engine)]
+StateCodecDep = Annotated[StateCodec, Depends(get_state_codec)]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import secrets
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from app.routes import admin, compare, generate, health, models, perplexity
 from app.security import DOCS_STATIC, ApiKeys, declare_security, parse_keys
 from app.served import StartupError, load_models
 from app.settings import Settings
+from model_store.state import StateCodec
 
 log = logging.getLogger("app")
 
@@ -97,6 +99,17 @@ def configure_logging(level: str) -> None:
         logger.addHandler(handler)
 
 
+def state_codec(settings: Settings) -> StateCodec:
+    """Signs /generate's state handles. Without LYRICS_STATE_KEY the key is random: handles then work only
+    with this process (not after a restart, not on another replica)."""
+    key = settings.state_key.get_secret_value().encode() if settings.state_key else b""
+    if not key:
+        log.info("LYRICS_STATE_KEY is not set: state handles are signed with a random key and only this "
+                 "process accepts them")
+        key = secrets.token_bytes(32)
+    return StateCodec(key, settings.state_ttl_s)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     configure_logging(settings.log_level)
@@ -106,6 +119,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                          static_url=DOCS_STATIC)
     app.state.settings = settings
     app.state.metrics = Metrics()
+    app.state.state_codec = state_codec(settings)
     errors.install(app)
     routers = [module.router for module in (generate, perplexity, compare, models, health)]
     if settings.admin_token and settings.admin_token.get_secret_value():

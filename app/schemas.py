@@ -6,9 +6,9 @@ Fixed ranges live here; the limits an operator can change (LYRICS_MAX_*) are che
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator, model_serializer
 from pydantic_core import PydanticCustomError
 
 from app.settings import Settings
@@ -17,6 +17,7 @@ Unknown = Literal["error", "skip"]
 UNKNOWN_HELP = ("characters outside the model's vocabulary: 'error' answers 422 naming them; 'skip' drops them "
                 "and reports them in unknown_characters")
 MAX_SEED = 2**53 - 1  # exact in every JSON client
+EMPTY_PREFIX = "a prefix needs at least one character: the model continues text, it cannot start from nothing"
 
 
 class StrictBody(BaseModel):
@@ -48,14 +49,6 @@ class ContinueFields(StrictBody):
         "uses seed + i). Omitted: a random seed, returned in the answer"))
     unknown: Unknown = Field("error", description=UNKNOWN_HELP)
 
-    @field_validator("prefix")
-    @classmethod
-    def prefix_not_empty(cls, prefix: str) -> str:
-        if not prefix:
-            raise PydanticCustomError("empty_prefix", "a prefix needs at least one character: the model "
-                                                      "continues text, it cannot start from nothing")
-        return prefix
-
     @field_validator("stop")
     @classmethod
     def stop_strings_bounded(cls, stop: list[str]) -> list[str]:
@@ -76,7 +69,41 @@ class ContinueFields(StrictBody):
             ("stop", all(len(s) <= settings.max_stop_chars for s in self.stop),
              f"each stop string must be at most {settings.max_stop_chars} characters"),
         ]
-        return [{"loc": ["body", field], "msg": msg, "type": "limit_exceeded"} for field, ok, msg in checks if not ok]
+        errors = [{"loc": ["body", field], "msg": msg, "type": "limit_exceeded"} for field, ok, msg in checks if not ok]
+        if not self.prefix and not self.continues_a_text():
+            errors.insert(0, {"loc": ["body", "prefix"], "msg": EMPTY_PREFIX, "type": "empty_prefix"})
+        return errors
+
+    def continues_a_text(self) -> bool:
+        """Whether the model has already read text (a state handle), so that an empty prefix will do."""
+        return False
+
+
+LineLengths = StrictInt | Annotated[str, Field(max_length=10_000)] | Annotated[list[StrictInt], Field(max_length=1000)]
+
+
+class Constraints(StrictBody):
+    """Structure of the generated text, enforced at every step by masking the vocabulary (see README)."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"lines": 4, "line_lengths": "7-7-7-7", "rhyme": True},
+        {"lines": 3, "line_lengths": [5, 7, 5], "banned": "的", "required": "风", "rhyme": "ang"},
+    ]})
+
+    lines: int | None = Field(None, ge=1, le=1000, examples=[4], description=(
+        "the generated text is exactly this many lines, each ending with a line break (a space for models "
+        "trained with newlines='space'); generation ends after the last. Lines count from the end of the prefix"))
+    line_lengths: LineLengths | None = Field(None, examples=["7-7-7-7", 5, [5, 7, 5]], description=(
+        "characters per line: one number for every line, a pattern such as '7-7-7-7' or a list; a pattern "
+        "shorter than `lines` repeats. The line break is held back until a line has its length, then forced"))
+    banned: str = Field("", max_length=10_000, examples=["的了"], description="characters never generated")
+    required: str = Field("", max_length=1000, examples=["风"], description=(
+        "characters that must appear: once the free positions left are as few as the required characters still "
+        "missing, those positions may only take them (so they come near the end); `constraints_met` says if "
+        "they all appeared"))
+    rhyme: StrictBool | Annotated[str, Field(max_length=20)] | None = Field(None, examples=[True, "ang"], description=(
+        "with line_lengths: every line ends with a character of the same final (韵母, pypinyin, no tone, "
+        "compared exactly). true: the first line's ending sets it; a final such as 'ang' names it"))
 
 
 class GenerateRequest(ContinueFields):
@@ -86,12 +113,29 @@ class GenerateRequest(ContinueFields):
         {"prefix": "分开"},
         {"prefix": "分开", "max_chars": 80, "temperature": 0.8, "top_k": 20, "seed": 7, "n": 2},
         {"prefix": "分开", "max_chars": 100, "temperature": 0.7, "stop": ["\n"], "stream": True},
+        {"prefix": "分开的爱\n", "return_state": True},
+        {"prefix": "\n", "state": "ls1.<the 'state' of an earlier answer>.<signature>"},
+        {"prefix": "分开\n", "temperature": 0.8, "seed": 7,
+         "constraints": {"lines": 4, "line_lengths": "7-7-7-7", "rhyme": True}},
     ]})
 
-    model: str | None = Field(None, max_length=200, examples=["gru"],
-                              description="a name from GET /models; default: the service's default model")
+    model: str | None = Field(None, max_length=200, examples=["gru"], description=(
+        "a name from GET /models; default: the service's default model, or with `state` the handle's model"))
     n: int = Field(1, ge=1, le=1000, description="number of continuations (up to LYRICS_MAX_N)")
     stream: bool = Field(False, description="answer with server-sent events as the text is generated")
+    return_state: bool = Field(False, description=(
+        "also answer `state` (and each choice's): an opaque, signed handle on the model's state after the whole "
+        "text (a stop string that ended it included), valid for LYRICS_STATE_TTL_S seconds"))
+    state: str | None = Field(None, max_length=1_000_000, examples=["ls1.<body>.<signature>"], description=(
+        "continue from a handle returned in `state`: the model reads `prefix` (it may be empty) after the text "
+        "the handle ends, exactly as if the whole text had been sent again. Altered, expired or another "
+        "model's handles get 422"))
+    constraints: Constraints | None = Field(None, description=(
+        "structure of the generated text: lines, characters per line, banned and required characters, rhyme; "
+        "the answer says which were met (`constraints_met`)"))
+
+    def continues_a_text(self) -> bool:
+        return self.state is not None
 
     def limit_errors(self, settings: Settings) -> list[dict]:
         errors = super().limit_errors(settings)
@@ -100,13 +144,28 @@ class GenerateRequest(ContinueFields):
         return errors
 
 
-class Choice(BaseModel):
+class WhenAsked(BaseModel):
+    """`state` and `constraints_met` appear only in answers to requests that asked for them."""
+
+    @model_serializer(mode="wrap")
+    def omit_unasked(self, handler):
+        data = handler(self)
+        for name in ("state", "constraints_met"):
+            if data.get(name) is None:
+                data.pop(name, None)
+        return data
+
+
+class Choice(WhenAsked):
     index: int
     text: str = Field(description="prefix + generated")
     generated: str = Field(description="the new characters only")
     finish_reason: Literal["length", "stop"] = Field(description="'length': max_chars reached; 'stop': a stop "
                                                                  "string was generated")
     seed: int | None = Field(description="the seed that reproduces this choice (null for greedy)")
+    state: str | None = Field(None, description="with return_state: the handle to continue this choice from")
+    constraints_met: dict[str, bool] | None = Field(None, examples=[{"lines": True, "rhyme": True}], description=(
+        "with constraints: whether this choice's generated text meets each one given (read from the text)"))
 
 
 class GenerateUsage(BaseModel):
@@ -114,8 +173,8 @@ class GenerateUsage(BaseModel):
     generated_chars: int = Field(description="over all choices")
 
 
-class GenerateResponse(BaseModel):
-    """Choice 0's text, generated, finish_reason and seed are repeated at the top level."""
+class GenerateResponse(WhenAsked):
+    """Choice 0's text, generated, finish_reason, seed, state and constraints_met are repeated at the top level."""
 
     model: str
     prefix: str = Field(description="the prefix as the model read it (newlines or unknown characters handled)")
@@ -127,6 +186,8 @@ class GenerateResponse(BaseModel):
     usage: GenerateUsage
     unknown_skipped: int = Field(0, description="characters dropped from the prefix (unknown='skip')")
     unknown_characters: list[str] = Field([], description="the distinct characters dropped")
+    state: str | None = Field(None, description="choice 0's state handle (with return_state)")
+    constraints_met: dict[str, bool] | None = Field(None, description="choice 0's constraints_met (with constraints)")
 
 
 class StreamChunk(BaseModel):

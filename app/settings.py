@@ -26,6 +26,10 @@ class Settings(BaseSettings):
     # Secrets: SecretStr keeps them out of reprs and tracebacks.
     api_keys: SecretStr = Field(SecretStr(""), description="comma-separated API keys; empty: no authentication")
     admin_token: SecretStr | None = Field(None, description="bearer token of POST /admin/reload; unset: no such endpoint")
+    state_key: SecretStr | None = Field(None, description="key that signs state handles (HMAC-SHA256); unset: a random "
+                                                          "key per process, so handles die with a restart and do "
+                                                          "not work across replicas")
+    state_ttl_s: float = Field(3600.0, gt=0, description="how long a state handle from /generate stays valid")
 
     max_prefix_chars: int = Field(2000, ge=1, description="longest prefix accepted by /generate")
     max_new_chars: int = Field(2000, ge=1, description="largest max_chars accepted by /generate")

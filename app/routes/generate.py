@@ -4,19 +4,23 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
 
-from app.deps import EngineDep, MetricsDep, ModelsDep, SettingsDep
+from app.deps import EngineDep, MetricsDep, ModelsDep, SettingsDep, StateCodecDep
 from app.engine import EngineBusy, EngineTimeout, Job
 from app.errors import ApiError, error_body, invalid
 from app.inputs import drop_unknown, model_text, unknown_error
 from app.metrics import Metrics
 from app.schemas import BODY_ERRORS, Choice, ErrorBody, GenerateRequest, GenerateResponse, GenerateUsage
+from app.served import ServedModels
+from app.settings import Settings
 from model_store.checkpoint import Checkpoint
+from model_store.constraints import ConstraintError, Constraints, parse_line_lengths, structure_chars
 from model_store.generate import Completion, Generation, SamplingParams
+from model_store.state import Snapshot, StateCodec, StateError, model_identity
 
 log = logging.getLogger("app.generate")
 router = APIRouter(tags=["generate"])
@@ -41,6 +45,14 @@ with `finish_reason`, `usage`), then the end marker:
 A problem after the stream has started (the request deadline) is sent as
 `event: error` with the usual error object, then `data: [DONE]`. A client that
 disconnects stops its generation.
+
+**Continuing a song**: with `"return_state": true` the answer carries `state`, a signed
+handle on the model's state after the text. Send it back as `state` with a new `prefix`
+(which may be empty) and the model continues exactly as if it had read the whole text again.
+
+**Structure**: `constraints` fixes lines, characters per line, banned and required
+characters and a rhyme by masking the vocabulary at each step; `constraints_met` says,
+per choice, whether each was met.
 """
 
 # Open API 3.1 reads an event stream's `schema` as the schema of each event, not of the whole body.
@@ -52,7 +64,8 @@ SSE_EVENT = {"type": "object", "required": ["data"], "description": "one server-
 
 ERRORS = {**BODY_ERRORS,
           404: {"model": ErrorBody, "description": "unknown model"},
-          422: {"model": ErrorBody, "description": "invalid field, limit exceeded, empty prefix or unknown characters"},
+          422: {"model": ErrorBody, "description": "invalid field, limit exceeded, empty prefix, unknown characters, "
+                                                   "impossible constraints, or an altered, expired or other model's state"},
           503: {"model": ErrorBody, "description": "busy (retry after Retry-After seconds) or not ready"},
           504: {"model": ErrorBody, "description": "the generation ran past LYRICS_REQUEST_TIMEOUT_S"}}
 
@@ -60,19 +73,26 @@ ERRORS = {**BODY_ERRORS,
 @router.post("/generate", response_model=GenerateResponse, summary="Generate lyrics", description=STREAM_DOC,
              responses={200: {"content": {"text/event-stream": {"schema": SSE_EVENT}}}, **ERRORS})
 async def generate(body: GenerateRequest, models: ModelsDep, engine: EngineDep, settings: SettingsDep,
-                   metrics: MetricsDep):
+                   metrics: MetricsDep, codec: StateCodecDep):
+    max_chars_given = "max_chars" in body.model_fields_set  # before limit_errors fills it in
     if errors := body.limit_errors(settings):
         raise invalid(errors)
-    ck = models.get(body.model)
+    ck, start = open_state(body, models, codec)
     prefix, skipped, missing = prepare_prefix(ck, body)
     params = SamplingParams(body.temperature, body.top_k, body.top_p, body.repetition_penalty)
-    generation = Generation(ck.model, ck.vocab, prefix, body.max_chars, params, body.stop, body.seed, body.n)
+    constraints = read_constraints(body, settings, max_chars_given)
+    try:
+        generation = Generation(ck.model, ck.vocab, prefix, body.max_chars, params, body.stop, body.seed, body.n,
+                                start=start, keep_state=body.return_state, constraints=constraints)
+    except ConstraintError as e:
+        raise constraint_error(e) from e
+    seal = sealer(codec, ck) if body.return_state else None
     try:
         job = engine.submit(generation, stream=body.stream)
     except EngineBusy as e:
         raise ApiError(503, "busy", str(e), headers={"Retry-After": "1"}) from e
     if body.stream:
-        return StreamingResponse(events(job, ck, prefix, skipped, missing, metrics), media_type="text/event-stream",
+        return StreamingResponse(events(job, ck, prefix, skipped, missing, metrics, seal), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     try:
         completions = await job.wait()
@@ -81,7 +101,46 @@ async def generate(body: GenerateRequest, models: ModelsDep, engine: EngineDep, 
     except EngineBusy as e:
         raise ApiError(503, "unavailable", str(e)) from e
     metrics.generated_chars.labels(ck.name).inc(sum(len(c.generated) for c in completions))
-    return answer(ck, prefix, completions, skipped, missing)
+    return answer(ck, prefix, completions, skipped, missing, seal)
+
+
+def open_state(body: GenerateRequest, models: ServedModels, codec: StateCodec) -> tuple[Checkpoint, Snapshot | None]:
+    """The model to run, and the snapshot to start from when the request continues a state handle."""
+    if body.state is None:
+        return models.get(body.model), None
+    try:
+        opened = codec.open(body.state)
+        ck = models.get(body.model if body.model is not None else opened.model)
+        return ck, opened.snapshot(model_identity(ck.name, ck.model, ck.vocab))
+    except StateError as e:
+        raise invalid([{"loc": ["body", "state"], "msg": str(e), "type": f"state_{e.kind}"}]) from e
+
+
+def sealer(codec: StateCodec, ck: Checkpoint) -> Callable[[Snapshot], str]:
+    identity = model_identity(ck.name, ck.model, ck.vocab)
+    return lambda snapshot: codec.encode(snapshot, identity)
+
+
+def read_constraints(body: GenerateRequest, settings: Settings, max_chars_given: bool) -> Constraints | None:
+    """The request's constraints; an omitted max_chars becomes what a fixed line structure takes."""
+    if body.constraints is None:
+        return None
+    c = body.constraints
+    constraints = Constraints(c.lines, c.line_lengths, c.banned, c.required, c.rhyme)
+    try:
+        needed = structure_chars(c.lines, parse_line_lengths(c.line_lengths))
+    except ConstraintError as e:
+        raise constraint_error(e) from e
+    if needed is not None and not max_chars_given:
+        if needed > settings.max_new_chars:
+            raise constraint_error(ConstraintError("lines", f"the line structure needs {needed} characters; the "
+                                                            f"limit is {settings.max_new_chars}"))
+        body.max_chars = needed
+    return constraints
+
+
+def constraint_error(e: ConstraintError) -> ApiError:
+    return invalid([{"loc": ["body", "constraints", e.field], "msg": str(e), "type": "impossible_constraints"}])
 
 
 def prepare_prefix(ck: Checkpoint, body: GenerateRequest) -> tuple[str, int, list[str]]:
@@ -92,19 +151,21 @@ def prepare_prefix(ck: Checkpoint, body: GenerateRequest) -> tuple[str, int, lis
         if body.unknown == "error":
             raise invalid([unknown_error(ck, missing, ["body", "prefix"])])
         prefix, skipped = drop_unknown(ck, prefix)
-        if not prefix:
+        if not prefix and not body.continues_a_text():
             raise invalid([{"loc": ["body", "prefix"], "type": "empty_prefix",
                             "msg": "no character of the prefix is in the model's vocabulary: nothing to continue"}])
     return prefix, skipped, missing
 
 
 def answer(ck: Checkpoint, prefix: str, completions: list[Completion], skipped: int,
-           missing: list[str]) -> GenerateResponse:
-    choices = [Choice(index=i, text=c.text, generated=c.generated, finish_reason=c.finish_reason, seed=c.seed)
+           missing: list[str], seal: Callable[[Snapshot], str] | None = None) -> GenerateResponse:
+    choices = [Choice(index=i, text=c.text, generated=c.generated, finish_reason=c.finish_reason, seed=c.seed,
+                      state=seal(c.state) if seal and c.state is not None else None, constraints_met=c.constraints_met)
                for i, c in enumerate(completions)]
     first = choices[0]
     return GenerateResponse(model=ck.name, prefix=prefix, text=first.text, generated=first.generated,
                             finish_reason=first.finish_reason, seed=first.seed, choices=choices,
+                            state=first.state, constraints_met=first.constraints_met,
                             usage=GenerateUsage(prompt_chars=len(prefix),
                                                 generated_chars=sum(len(c.generated) for c in choices)),
                             unknown_skipped=skipped, unknown_characters=missing if skipped else [])
@@ -116,13 +177,13 @@ def sse(data, event: str | None = None) -> str:
 
 
 async def events(job: Job, ck: Checkpoint, prefix: str, skipped: int, missing: list[str],
-                 metrics: Metrics) -> AsyncIterator[str]:
+                 metrics: Metrics, seal: Callable[[Snapshot], str] | None = None) -> AsyncIterator[str]:
     deltas = aiter(job)
     try:
         async for delta in deltas:
             metrics.generated_chars.labels(ck.name).inc(len(delta.text))
             yield sse({"index": delta.index, "text": delta.text})
-        yield sse(answer(ck, prefix, job.generation.completions, skipped, missing).model_dump(), event="final")
+        yield sse(answer(ck, prefix, job.generation.completions, skipped, missing, seal).model_dump(), event="final")
     except EngineTimeout as e:
         yield sse(error_body("timeout", f"{e}: lower max_chars or n (LYRICS_REQUEST_TIMEOUT_S)"), event="error")
     except EngineBusy as e:
