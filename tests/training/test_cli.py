@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from model_store.checkpoint import read_metadata, save_checkpoint
+from model_store.constraints import Constraints
 from model_store.generate import SamplingParams, generate
 from model_store.scoring import score_text
 from training.cli import build_parser, main
@@ -328,3 +329,23 @@ def test_the_lyrics_console_script_runs():
     assert proc.returncode == 0, proc.stderr
     for name in ("train", "generate", "perplexity", "models"):
         assert name in proc.stdout
+
+
+def test_generate_with_structure_constraints(capsys, model_dir, trained):
+    code, out, _ = run_cli(capsys, "generate", "--dir", str(model_dir), "--model", "rnn", "--prefix", "我",
+                           "--max-chars", "100", "--temperature", "1", "--seed", "3", "--lines", "3",
+                           "--line-lengths", "4-6-4", "--rhyme", "--banned", "的", "--json")
+    assert code == 0
+    body = json.loads(out)
+    lines = body["generated"].split("\n")
+    assert [len(line) for line in lines] == [4, 6, 4, 0] and "的" not in body["generated"]
+    assert body["constraints_met"] == {"lines": True, "line_lengths": True, "banned": True, "rhyme": True}
+    constraints = Constraints(3, "4-6-4", "的", rhyme=True)
+    expected = generate(trained.model, trained.vocab, "我", 100, SamplingParams(1.0), seed=3, constraints=constraints)
+    assert body["choices"][0]["generated"] == expected[0].generated
+
+
+def test_generate_with_impossible_constraints_exits_2(capsys, model_dir):
+    code, out, err = run_cli(capsys, "generate", "--dir", str(model_dir), "--model", "rnn", "--prefix", "我",
+                             "--max-chars", "10", "--lines", "3", "--line-lengths", "7")
+    assert code == 2 and out == "" and "max_chars is 10" in err
