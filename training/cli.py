@@ -16,12 +16,12 @@ import sys
 from pathlib import Path
 
 from model_store.checkpoint import CheckpointError, load_checkpoint
-from model_store.constraints import Constraints
 from model_store.generate import SamplingParams, generate
 from model_store.registry import BUNDLED_DIR, LoadedModels, describe, load_directory, resolve, resolve_device
 from model_store.scoring import score_text
 from model_store.surprisal import surprisal_json
 from model_store.vocab import UnknownCharactersError, normalise_newlines
+from training import distributed
 from training.corpus import CorpusError
 from training.train import DEFAULT_LR, TrainConfig, train
 
@@ -61,7 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="0: one-hot input as the tutorial; N: a learned N-wide character embedding")
     t.add_argument("--dropout", type=float, default=0.0, help="dropout between stacked layers")
     t.add_argument("--num-steps", type=positive_int, default=35, help="characters per training sequence (BPTT)")
-    t.add_argument("--batch-size", type=positive_int, default=32, help="sequences per minibatch")
+    t.add_argument("--batch-size", type=positive_int, default=32,
+                   help="sequences per minibatch over all processes (under torchrun each of N processes computes "
+                        "batch-size / N of them)")
     t.add_argument("--epochs", type=positive_int, default=50, help="passes over the training part")
     t.add_argument("--lr", type=float, default=None,
                    help=f"learning rate (default: {DEFAULT_LR['adam']} for adam, {DEFAULT_LR['sgd']} for sgd)")
@@ -101,13 +103,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stop", action="append", default=[], help="stop when this string is generated (repeatable)")
     g.add_argument("--seed", type=int, default=None, help="seed for sampling (same seed, same text)")
     g.add_argument("-n", type=positive_int, default=1, help="number of continuations")
-    g.add_argument("--lines", type=positive_int, default=None, help="constraint: exactly this many lines")
-    g.add_argument("--line-lengths", default=None, help="constraint: characters per line, e.g. 7 or 7-7-7-7")
-    g.add_argument("--rhyme", nargs="?", const=True, default=None,
-                   help="constraint (with --line-lengths): line endings share a final; give one, e.g. ang, or "
-                        "none to take the first line's")
-    g.add_argument("--banned", default="", help="constraint: characters never generated")
-    g.add_argument("--required", default="", help="constraint: characters that must appear")
     g.add_argument("--json", action="store_true", help="print one JSON object")
 
     p = sub.add_parser("perplexity", help="score a text", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -160,7 +155,11 @@ def open_model(args):
 def cmd_train(args) -> int:
     options = {k: v for k, v in vars(args).items() if k not in ("command", "no_progress", "argv")}
     cfg = TrainConfig(**options, progress=not args.no_progress, command="lyrics " + shlex.join(args.argv))
-    result = train(cfg)
+    with distributed.process_group(cfg.device):  # only under torchrun
+        result = train(cfg)
+        main = distributed.is_main()
+    if not main:
+        return 0
     best = f"{result.best_val_perplexity:.2f}" if result.best_val_perplexity else "n/a"
     print(f"done: best validation perplexity {best} at epoch {result.best_epoch}, "
           f"final train perplexity {result.final_train_perplexity:.2f}; checkpoint {cfg.out}")
@@ -171,18 +170,11 @@ def cmd_generate(args) -> int:
     ck = open_model(args)
     params = SamplingParams(args.temperature, args.top_k, args.top_p, args.repetition_penalty)
     prefix = normalise_newlines(args.prefix, ck.newlines)
-    constraints = None
-    if args.lines or args.line_lengths or args.rhyme or args.banned or args.required:
-        constraints = Constraints(args.lines, args.line_lengths, args.banned, args.required, args.rhyme)
-    choices = generate(ck.model, ck.vocab, prefix, args.max_chars, params, args.stop, args.seed, args.n,
-                       constraints=constraints)
+    choices = generate(ck.model, ck.vocab, prefix, args.max_chars, params, args.stop, args.seed, args.n)
     if args.json:
-        met = {"constraints_met": choices[0].constraints_met} if constraints else {}
         body = {"model": ck.name, "prefix": prefix, "text": choices[0].text, "generated": choices[0].generated,
-                "finish_reason": choices[0].finish_reason, "seed": choices[0].seed, **met,
-                "choices": [{"index": i, "text": c.text, "generated": c.generated, "finish_reason": c.finish_reason,
-                             "seed": c.seed, **({"constraints_met": c.constraints_met} if constraints else {})}
-                            for i, c in enumerate(choices)],
+                "finish_reason": choices[0].finish_reason, "seed": choices[0].seed,
+                "choices": [vars(c) for c in choices],
                 "usage": {"prompt_chars": len(prefix), "generated_chars": sum(len(c.generated) for c in choices)}}
         print(json.dumps(body, ensure_ascii=False))
     else:

@@ -8,6 +8,9 @@ Outputs for `--out NAME.safetensors`:
                        `--resume` (safetensors too: no pickle)
   NAME.metrics.jsonl   one JSON line per epoch
   NAME.curves.png      train and validation perplexity against epoch
+
+Under torchrun, training is data-parallel (training/distributed.py): rank 0 alone writes
+these files, logs and shows progress, and rank 0 alone evaluates, telling the others.
 """
 
 from __future__ import annotations
@@ -30,8 +33,8 @@ from tqdm import tqdm
 from model_store.checkpoint import atomic_write_bytes, finite_or_none, save_checkpoint
 from model_store.generate import generate
 from model_store.model import CharLM, ModelConfig
-from model_store.registry import resolve_device
 from model_store.scoring import score_ids
+from training import distributed
 from training.batches import data_iter_consecutive, data_iter_random, num_batches
 from training.corpus import Corpus, CorpusError, load_corpus
 
@@ -142,11 +145,12 @@ def train_epoch(model: CharLM, optimizer: torch.optim.Optimizer, corpus: Corpus,
     """One pass over the training ids: (mean loss, mean pre-clip gradient norm, characters)."""
     model.train()
     params = list(model.parameters())
-    vocab_size = model.config.vocab_size
+    vocab_size = len(corpus.vocab)  # model may be wrapped in DistributedDataParallel
     if cfg.sampling == "random":
         batches = data_iter_random(corpus.train_ids, cfg.batch_size, cfg.num_steps, rng, device)
     else:
         batches = data_iter_consecutive(corpus.train_ids, cfg.batch_size, cfg.num_steps, device)
+    batches = distributed.shard_rows(batches)  # this rank's rows of each global batch
     state = None
     loss_sum, norm_sum, n_chars, n_batches = 0.0, 0.0, 0, 0
     for X, Y in batches:
@@ -178,20 +182,23 @@ def evaluate(model: CharLM, corpus: Corpus) -> float | None:
 
 
 def train(cfg: TrainConfig, log=None) -> TrainResult:
-    log = log or (lambda msg: tqdm.write(msg, file=sys.stderr))
+    main = distributed.is_main()
+    log = (log or (lambda msg: tqdm.write(msg, file=sys.stderr))) if main else (lambda msg: None)
     if cfg.sampling not in ("random", "consecutive"):
         raise ValueError(f"sampling must be 'random' or 'consecutive', not {cfg.sampling!r}")
     if cfg.precision not in ("fp32", "bf16"):
         raise ValueError(f"precision must be 'fp32' or 'bf16', not {cfg.precision!r}")
     if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.num_steps < 1:
         raise ValueError("epochs, batch size and num steps must be positive")
-    device = resolve_device(cfg.device)
+    distributed.check_batch_size(cfg.batch_size)
+    device = distributed.training_device(cfg.device)
     corpus = load_corpus(cfg.corpus, cfg.newlines, cfg.val_frac, cfg.max_chars)
     if num_batches(len(corpus.train_ids), cfg.batch_size, cfg.num_steps, cfg.sampling) < 1:
         raise CorpusError(f"the training part ({len(corpus.train_ids)} characters) is too short for one batch "
                           f"of {cfg.batch_size} x {cfg.num_steps}: lower --batch-size or --num-steps")
     paths = paths_for(cfg.out)
-    remove_stale_temps(paths)
+    if main:
+        remove_stale_temps(paths)
 
     model, optimizer, rng = setup(cfg, corpus, device)
     config = model.config
@@ -201,7 +208,9 @@ def train(cfg: TrainConfig, log=None) -> TrainResult:
                                                                        cfg, corpus, device)
         history = [h for h in read_metrics(paths["metrics"]) if h["epoch"] <= start_epoch]
         log(f"resuming {paths['resume']} after epoch {start_epoch} of {cfg.epochs}")
-    write_metrics(paths["metrics"], history)
+    if main:
+        write_metrics(paths["metrics"], history)
+    net = distributed.wrap(model, device)
 
     prefixes = [p for p in cfg.prefixes if p and not corpus.vocab.unknown(p)]
     for p in set(cfg.prefixes) - set(prefixes):
@@ -209,19 +218,24 @@ def train(cfg: TrainConfig, log=None) -> TrainResult:
     log(f"training {cfg.cell} ({config.num_layers}x{config.hidden_size}, {model.num_parameters():,} parameters, "
         f"impl {model.impl}) on {device}: {len(corpus.train_ids):,} train / {len(corpus.val_ids):,} val characters, "
         f"vocabulary {len(corpus.vocab):,}")
+    if net is not model:
+        log(f"data-parallel: {distributed.world_size()} processes, {cfg.batch_size // distributed.world_size()} of "
+            f"the {cfg.batch_size} rows of each batch per process")
 
     bar = tqdm(range(start_epoch, cfg.epochs), initial=start_epoch, total=cfg.epochs, desc="epochs",
-               disable=not cfg.progress, file=sys.stderr, dynamic_ncols=True)
+               disable=not (cfg.progress and main), file=sys.stderr, dynamic_ncols=True)
     train_ppl = math.nan
     for epoch in bar:
         t0 = time.perf_counter()
-        loss, grad_norm, n_chars = train_epoch(model, optimizer, corpus, cfg, rng, device)
+        distributed.seed_dropout(cfg.seed, epoch)
+        loss, grad_norm, n_chars = train_epoch(net, optimizer, corpus, cfg, rng, device)
+        loss, n_chars = distributed.mean_over_ranks(loss, n_chars, device)
         elapsed = time.perf_counter() - t0
         seconds += elapsed
         train_ppl = math.exp(min(loss, 700))
         number = epoch + 1
         evaluate_now = number % cfg.eval_every == 0 or number == cfg.epochs
-        val_ppl = evaluate(model, corpus) if evaluate_now else None
+        val_ppl = distributed.from_main(lambda: evaluate(model, corpus), device) if evaluate_now else None
         record = {"epoch": number, "train_perplexity": train_ppl, "val_perplexity": finite_or_none(val_ppl),
                   "grad_norm": grad_norm, "chars_per_sec": n_chars / elapsed, "seconds": elapsed}
         history.append(record)
@@ -229,15 +243,18 @@ def train(cfg: TrainConfig, log=None) -> TrainResult:
                                      (val_ppl is not None and val_ppl < best_val))
         if improved:
             best_val, best_epoch = val_ppl, number
-            save_checkpoint(paths["checkpoint"], model, corpus.vocab, cfg.newlines,
-                            training_summary(cfg, corpus, history, best_val, best_epoch, seconds, device))
+            if main:
+                save_checkpoint(paths["checkpoint"], model, corpus.vocab, cfg.newlines,
+                                training_summary(cfg, corpus, history, best_val, best_epoch, seconds, device))
         # metrics first: a crash between the two leaves a metrics line past the resume state, which a resumed
         # run drops and writes again, never a resume state whose epoch has no metrics line
-        append_metrics(paths["metrics"], record)
-        save_resume_state(paths["resume"], model, optimizer, rng, cfg, corpus, number, best_val, best_epoch, seconds)
+        if main:
+            append_metrics(paths["metrics"], record)
+            save_resume_state(paths["resume"], model, optimizer, rng, cfg, corpus, number, best_val, best_epoch,
+                              seconds)
         bar.set_postfix(train_ppl=f"{train_ppl:.2f}", val_ppl=f"{val_ppl:.1f}" if val_ppl else "-",
                         chars_s=f"{n_chars / elapsed:,.0f}")
-        if prefixes and cfg.sample_every and number % cfg.sample_every == 0:
+        if main and prefixes and cfg.sample_every and number % cfg.sample_every == 0:
             model.eval()
             for p in prefixes:
                 text = generate(model, corpus.vocab, p, cfg.sample_chars)[0].text
@@ -246,7 +263,8 @@ def train(cfg: TrainConfig, log=None) -> TrainResult:
     if start_epoch >= cfg.epochs:
         log(f"nothing to do: {paths['resume']} already reached epoch {start_epoch} (raise --epochs to go on)")
         train_ppl = history[-1]["train_perplexity"] if history else math.nan
-    plot_curves(paths["curves"], history)
+    if main:
+        plot_curves(paths["curves"], history)
     return TrainResult(best_val_perplexity=best_val, best_epoch=best_epoch, final_train_perplexity=train_ppl,
                        epochs_run=cfg.epochs - start_epoch, history=history)
 
