@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from model_store.checkpoint import CheckpointError, load_checkpoint
+from model_store.constraints import Constraints
 from model_store.generate import SamplingParams, generate
 from model_store.registry import BUNDLED_DIR, LoadedModels, describe, load_directory, resolve, resolve_device
 from model_store.scoring import score_text
@@ -103,6 +104,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stop", action="append", default=[], help="stop when this string is generated (repeatable)")
     g.add_argument("--seed", type=int, default=None, help="seed for sampling (same seed, same text)")
     g.add_argument("-n", type=positive_int, default=1, help="number of continuations")
+    g.add_argument("--lines", type=positive_int, default=None, help="constraint: exactly this many lines")
+    g.add_argument("--line-lengths", default=None, help="constraint: characters per line, e.g. 7 or 7-7-7-7")
+    g.add_argument("--rhyme", nargs="?", const=True, default=None,
+                   help="constraint (with --line-lengths): line endings share a final; give one, e.g. ang, or "
+                        "none to take the first line's")
+    g.add_argument("--banned", default="", help="constraint: characters never generated")
+    g.add_argument("--required", default="", help="constraint: characters that must appear")
     g.add_argument("--json", action="store_true", help="print one JSON object")
 
     p = sub.add_parser("perplexity", help="score a text", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -170,11 +178,18 @@ def cmd_generate(args) -> int:
     ck = open_model(args)
     params = SamplingParams(args.temperature, args.top_k, args.top_p, args.repetition_penalty)
     prefix = normalise_newlines(args.prefix, ck.newlines)
-    choices = generate(ck.model, ck.vocab, prefix, args.max_chars, params, args.stop, args.seed, args.n)
+    constraints = None
+    if args.lines or args.line_lengths or args.rhyme or args.banned or args.required:
+        constraints = Constraints(args.lines, args.line_lengths, args.banned, args.required, args.rhyme)
+    choices = generate(ck.model, ck.vocab, prefix, args.max_chars, params, args.stop, args.seed, args.n,
+                       constraints=constraints)
     if args.json:
+        met = {"constraints_met": choices[0].constraints_met} if constraints else {}
         body = {"model": ck.name, "prefix": prefix, "text": choices[0].text, "generated": choices[0].generated,
-                "finish_reason": choices[0].finish_reason, "seed": choices[0].seed,
-                "choices": [vars(c) for c in choices],
+                "finish_reason": choices[0].finish_reason, "seed": choices[0].seed, **met,
+                "choices": [{"index": i, "text": c.text, "generated": c.generated, "finish_reason": c.finish_reason,
+                             "seed": c.seed, **({"constraints_met": c.constraints_met} if constraints else {})}
+                            for i, c in enumerate(choices)],
                 "usage": {"prompt_chars": len(prefix), "generated_chars": sum(len(c.generated) for c in choices)}}
         print(json.dumps(body, ensure_ascii=False))
     else:
