@@ -30,7 +30,8 @@ class ContinueFields(StrictBody):
     """The fields of a continuation that /generate and /compare share, and their limit checks."""
 
     prefix: str = Field(max_length=1_000_000, examples=["分开"], description=(
-        "text to continue: at least one character (the model needs a character to start from), at most "
+        "text to continue: at least one character (the model needs a character to start from; on /generate "
+        "none is needed with `state`), at most "
         "LYRICS_MAX_PREFIX_CHARS. For models trained with newlines='space', newlines become spaces."))
     max_chars: int = Field(50, ge=0, le=1_000_000, description=(
         "characters to generate at most, up to LYRICS_MAX_NEW_CHARS (omitted: 50, or that limit if lower)"))
