@@ -2,6 +2,8 @@
 
 The file holds the model's tensors and, in the safetensors header, one JSON metadata
 entry: format version, `ModelConfig`, vocabulary, newline policy and training summary.
+A mixture (mixture.py) also stores its n-gram's count tables as integer tensors named
+`ngram.*` and its weights in a `mixture` metadata entry.
 Loading never unpickles anything: safetensors stores raw tensors and a JSON header,
 so a model file cannot run code. Every way a file can be wrong (truncated, corrupt,
 missing metadata, mismatched shapes) raises `CheckpointError` with the reason.
@@ -20,7 +22,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 
+from model_store.mixture import MixtureConfig, MixtureLM
 from model_store.model import CharLM, ModelConfig
+from model_store.ngram import KneserNey
 from model_store.vocab import NEWLINE_POLICIES, Vocabulary
 
 FORMAT_VERSION = 1
@@ -35,7 +39,7 @@ class CheckpointError(ValueError):
 class Checkpoint:
     """A loaded model with everything its file says about it."""
 
-    model: CharLM
+    model: CharLM | MixtureLM
     vocab: Vocabulary
     newlines: str = "keep"
     training: dict = field(default_factory=dict)
@@ -73,7 +77,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         os.close(dir_fd)
 
 
-def save_checkpoint(path: str | os.PathLike, model: CharLM, vocab: Vocabulary,
+def save_checkpoint(path: str | os.PathLike, model: CharLM | MixtureLM, vocab: Vocabulary,
                     newlines: str = "keep", training: dict | None = None) -> None:
     if len(vocab) != model.config.vocab_size:
         raise ValueError(f"vocabulary has {len(vocab)} characters, model expects {model.config.vocab_size}")
@@ -86,7 +90,11 @@ def save_checkpoint(path: str | os.PathLike, model: CharLM, vocab: Vocabulary,
         "newlines": newlines,
         "training": training or {},
     }
-    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
+    rnn = model.rnn if isinstance(model, MixtureLM) else model
+    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in rnn.weight_tensors().items()}
+    if isinstance(model, MixtureLM):  # the n-gram's count tables ride along as integer tensors
+        meta["mixture"] = model.mixture.to_dict()
+        tensors.update(model.ngram.to_tensors())
     atomic_write_bytes(path, safetensors_bytes(tensors, metadata={METADATA_KEY: json.dumps(meta, ensure_ascii=False)}))
 
 
@@ -99,6 +107,7 @@ def read_metadata(path: str | os.PathLike) -> dict:
 def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu", impl: str = "auto") -> Checkpoint:
     """Load and validate a checkpoint onto `device` (a GPU-trained file loads on a CPU)."""
     meta, tensors = _open(path, read_tensors=True)
+    ngram_tensors = {k: tensors.pop(k) for k in [k for k in tensors if k.startswith("ngram.")]}
     try:
         config = ModelConfig(**meta["config"])
         vocab = Vocabulary(meta["vocab"])
@@ -110,7 +119,7 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
     if newlines not in NEWLINE_POLICIES:
         raise CheckpointError(f"{path}: unknown newline policy {newlines!r}")
     model = CharLM(config, impl=impl)
-    expected = model.state_dict()
+    expected = model.weight_tensors()
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     if missing or unexpected:
@@ -123,12 +132,25 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
             raise CheckpointError(f"{path}: tensor {name} has dtype {got.dtype}, expected a float type")
         if not torch.isfinite(got).all():
             raise CheckpointError(f"{path}: tensor {name} holds NaN or infinite values")
-    model.load_state_dict({k: v.float() for k, v in tensors.items()})
+    model.load_state_dict({k: v.float() for k, v in tensors.items()}, strict=not config.tie_weights)
+    if ngram_tensors and "mixture" not in meta:
+        raise CheckpointError(f"{path}: n-gram tables without a 'mixture' entry in the metadata")
+    if "mixture" in meta:
+        model = load_mixture(path, model, meta["mixture"], ngram_tensors)
     model.to(device).eval()
     training = meta.get("training") or {}
     if not isinstance(training, dict):
         raise CheckpointError(f"{path}: training summary must be a JSON object")
     return Checkpoint(model=model, vocab=vocab, newlines=newlines, training=training, path=Path(path))
+
+
+def load_mixture(path, rnn: CharLM, settings, ngram_tensors: dict[str, torch.Tensor]) -> MixtureLM:
+    try:
+        config = MixtureConfig(**{**settings, "weights": tuple(tuple(w) for w in settings["weights"])})
+        ngram = KneserNey.from_tensors(ngram_tensors)
+        return MixtureLM(rnn, ngram, config)
+    except (TypeError, ValueError, KeyError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: invalid mixture (weights or n-gram tables): {e}") from e
 
 
 def _open(path: str | os.PathLike, read_tensors: bool) -> tuple[dict, dict[str, torch.Tensor]]:

@@ -50,6 +50,8 @@ class ModelConfig:
     num_layers: int = 1
     embed_size: int = 0  # 0: one-hot input, as the tutorial; > 0: a learned embedding
     dropout: float = 0.0  # on the embedding, between stacked layers and before the dense layer
+    weight_drop: float = 0.0  # DropConnect on the recurrent weights W_hh while training (AWD-LSTM)
+    tie_weights: bool = False  # the dense layer reuses the embedding matrix (needs embed_size == hidden_size)
 
     def __post_init__(self):
         if self.cell not in GATES:
@@ -61,6 +63,10 @@ class ModelConfig:
             raise ValueError(f"embed_size must be 0 (one-hot) or positive, not {self.embed_size!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), not {self.dropout!r}")
+        if not 0.0 <= self.weight_drop < 1.0:
+            raise ValueError(f"weight_drop must be in [0, 1), not {self.weight_drop!r}")
+        if self.tie_weights and self.embed_size != self.hidden_size:
+            raise ValueError(f"tie_weights needs embed_size == hidden_size, not {self.embed_size} and {self.hidden_size}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -79,6 +85,10 @@ class CharLM(nn.Module):
         self.rnn = rnn_class(input_size, config.hidden_size, config.num_layers,
                              dropout=config.dropout if config.num_layers > 1 else 0.0, batch_first=True)
         self.dense = nn.Linear(config.hidden_size, config.vocab_size)
+        if config.tie_weights:
+            # as an output layer, nn.Embedding's N(0, 1) rows would start with huge logits
+            nn.init.uniform_(self.embedding.weight, -0.1, 0.1)
+            self.dense.weight = self.embedding.weight
         self.impl = impl
 
     @property
@@ -96,6 +106,14 @@ class CharLM(nn.Module):
                              "RNNs would multiply a vocabulary-wide one-hot; use impl 'scratch'")
         self._impl = impl
 
+    def weight_tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors a checkpoint stores: the state dict less a tied dense weight, which is
+        the embedding's own tensor (safetensors refuses to store one tensor twice)."""
+        state = self.state_dict()
+        if self.config.tie_weights:
+            del state["dense.weight"]
+        return state
+
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
@@ -108,7 +126,8 @@ class CharLM(nn.Module):
     def forward(self, inputs: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
         if state is None:
             state = self.init_state(inputs.shape[0], inputs.device)
-        if self.impl == "fused":
+        # DropConnect needs the per-step path, which takes W_hh as an argument
+        if self.impl == "fused" and not (self.training and self.config.weight_drop):
             hiddens, state = self.rnn(self.drop(self.embedding(inputs)), state)
         else:
             hiddens, state = self._scratch(inputs, state)
@@ -135,6 +154,8 @@ class CharLM(nn.Module):
         for layer in range(self.config.num_layers):
             w_hh = getattr(self.rnn, f"weight_hh_l{layer}")
             b_hh = getattr(self.rnn, f"bias_hh_l{layer}")
+            if self.training and self.config.weight_drop:
+                w_hh = F.dropout(w_hh, self.config.weight_drop)
             if layer == 0:
                 xg = self.input_gates(inputs)
             else:

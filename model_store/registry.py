@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from model_store.checkpoint import Checkpoint, CheckpointError, load_checkpoint
+from model_store.mixture import MixtureLM
 
 BUNDLED_DIR = Path(__file__).parent / "checkpoints"
 SUFFIX = ".safetensors"
@@ -66,7 +67,13 @@ def describe(ck: Checkpoint, default: str | None = None) -> dict:
             "parameters": ck.model.num_parameters(), "newlines": ck.newlines, "impl": ck.model.impl,
             "device": str(weight.device), "dtype": str(weight.dtype).removeprefix("torch."),
             "train_perplexity": t.get("train_perplexity"), "val_perplexity": t.get("val_perplexity"),
-            "training": t}
+            "training": t, "mixture": mixture_description(ck.model)}
+
+
+def mixture_description(model) -> dict | None:
+    if not isinstance(model, MixtureLM):
+        return None
+    return {"components": ["rnn", "ngram", "cache"], "ngram_order": model.ngram.order, **model.mixture.to_dict()}
 
 
 def outside_directory(path: Path, directory: str | os.PathLike) -> bool:

@@ -192,7 +192,42 @@ def test_model_config_round_trips_through_a_dict():
     config = ModelConfig(cell="lstm", vocab_size=7, hidden_size=9, num_layers=2, embed_size=3, dropout=0.25)
     assert ModelConfig(**config.to_dict()) == config
     assert config.to_dict() == {"cell": "lstm", "vocab_size": 7, "hidden_size": 9, "num_layers": 2,
-                                "embed_size": 3, "dropout": 0.25}
+                                "embed_size": 3, "dropout": 0.25, "weight_drop": 0.0, "tie_weights": False}
+
+
+def test_a_config_without_the_newer_fields_still_loads_with_their_defaults():
+    """Checkpoints written before weight_drop and tie_weights existed name neither."""
+    config = ModelConfig(**{"cell": "gru", "vocab_size": 7, "hidden_size": 9, "num_layers": 1, "embed_size": 0,
+                            "dropout": 0.0})
+    assert config.weight_drop == 0.0 and config.tie_weights is False
+
+
+def test_tied_weights_share_one_tensor_stored_once(tmp_path):
+    from model_store.checkpoint import load_checkpoint, save_checkpoint
+    from model_store.vocab import Vocabulary
+
+    model = CharLM(ModelConfig(cell="lstm", vocab_size=6, hidden_size=4, embed_size=4, tie_weights=True))
+    assert model.dense.weight is model.embedding.weight
+    assert "dense.weight" not in model.weight_tensors()
+    save_checkpoint(tmp_path / "tied.safetensors", model, Vocabulary("abcdef"))
+    loaded = load_checkpoint(tmp_path / "tied.safetensors").model
+    assert loaded.dense.weight is loaded.embedding.weight
+    assert torch.equal(loaded.dense.weight, model.embedding.weight)
+    with pytest.raises(ValueError, match="embed_size == hidden_size"):
+        ModelConfig(cell="gru", vocab_size=6, hidden_size=4, embed_size=3, tie_weights=True)
+
+
+def test_weight_drop_masks_the_recurrent_weights_only_while_training():
+    torch.manual_seed(0)
+    model = CharLM(ModelConfig(cell="gru", vocab_size=6, hidden_size=8, embed_size=4, weight_drop=0.5))
+    x = torch.tensor([[0, 1, 2, 3, 4, 5]])
+    model.eval()
+    assert torch.equal(model(x)[0], model(x)[0])
+    plain = CharLM(ModelConfig(cell="gru", vocab_size=6, hidden_size=8, embed_size=4)).eval()
+    plain.load_state_dict(model.state_dict())
+    assert torch.allclose(model(x)[0], plain(x)[0], atol=1e-6)
+    model.train()
+    assert not torch.equal(model(x)[0], model(x)[0])
 
 
 @pytest.mark.parametrize("cell,gates", [("rnn", 1), ("gru", 3), ("lstm", 4)])

@@ -1,0 +1,155 @@
+"""A mixture model: a recurrent model, a Kneser-Ney n-gram and a cache of the text itself.
+
+    p(w | text so far) = l_rnn(b) p_rnn(w) + l_ngram(b) p_ngram(w) + l_cache(b) p_cache(w)
+
+* p_rnn: the recurrent model's softmax.
+* p_ngram: the Kneser-Ney n-gram of the training text (ngram.py).
+* p_cache: an n-gram of the text being scored or continued, up to `cache_order`
+  characters of context over the last `cache_window` characters, interpolated
+  Witten-Bell style from the longest matching context down to the text's unigram.
+  Lyrics repeat themselves (a chorus comes back two or three times), and a cache is what
+  notices that the last few characters were followed by something earlier in the song.
+* b, the bucket: how long a context the cache matched (0..cache_order). Each bucket has
+  its own three weights, fitted by EM on held-out training text (training/mix.py), so the
+  cache gets a large weight only where it has matched a long context.
+
+`MixtureLM` looks like a `CharLM` to everything that uses one (scoring, generation, the
+batching engine): `forward(inputs, state)` returns log-probabilities as logits and a state
+whose tensors all have the batch on dim 1: the recurrent state, then the history window
+(1, batch, window) of character ids, -1 where empty. Sampling with a temperature T from
+log-probabilities draws from p^(1/T), as it does from a plain model's logits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model_store.model import CharLM
+from model_store.ngram import KneserNey
+
+COMPONENTS = ("rnn", "ngram", "cache")
+
+
+@dataclass(frozen=True)
+class MixtureConfig:
+    weights: tuple[tuple[float, float, float], ...]  # per bucket 0..cache_order: (rnn, ngram, cache)
+    cache_order: int = 6
+    cache_window: int = 2048
+
+    def __post_init__(self):
+        if self.cache_order < 1 or self.cache_window < 2:
+            raise ValueError("cache_order must be at least 1 and cache_window at least 2")
+        if len(self.weights) != self.cache_order + 1:
+            raise ValueError(f"need {self.cache_order + 1} weight triples (one per bucket), not {len(self.weights)}")
+        for w in self.weights:
+            if len(w) != 3 or min(w) < 0 or abs(sum(w) - 1) > 1e-4:
+                raise ValueError(f"each bucket's weights must be 3 non-negative numbers summing to 1, not {w}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class HistoryCache:
+    """The cache component over a batch of history windows (batch, window), newest last."""
+
+    def __init__(self, order: int, vocab_size: int):
+        self.order, self.vocab_size = order, vocab_size
+
+    def __call__(self, history: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(p_cache (batch, vocab), bucket (batch,)) for the character after each window."""
+        batch, window = history.shape
+        follower = history[:, 1:]  # position j of the window was followed by follower[j]
+        index = follower.clamp(min=0)
+        match = follower >= 0
+        p = torch.full((batch, self.vocab_size), 1.0 / self.vocab_size, device=history.device)
+        bucket = torch.zeros(batch, dtype=torch.long, device=history.device)
+        for k in range(self.order + 1):
+            if k:  # extend every match by one more character of context
+                i = k - 1
+                current = history[:, window - 1 - i, None]
+                earlier = F.pad(history[:, :window - 1 - i], (i, 0), value=-2)
+                match = match & (earlier == current) & (current >= 0)
+            counts = torch.zeros(batch, self.vocab_size, device=history.device).scatter_add_(1, index, match.float())
+            total = counts.sum(1, keepdim=True)
+            types = (counts > 0).sum(1, keepdim=True).float()
+            seen = total[:, 0] > 0
+            if not seen.any():
+                break
+            interpolated = (counts + types * p) / (total + types).clamp(min=1)
+            p = torch.where(seen[:, None], interpolated, p)
+            if k:
+                bucket = torch.where(seen, k, bucket)
+        return p, bucket
+
+
+class MixtureLM(nn.Module):
+    def __init__(self, rnn: CharLM, ngram: KneserNey, config: MixtureConfig):
+        super().__init__()
+        if ngram.vocab_size != rnn.config.vocab_size:
+            raise ValueError(f"n-gram vocabulary {ngram.vocab_size} != model vocabulary {rnn.config.vocab_size}")
+        self.rnn, self.ngram, self.mixture = rnn, ngram, config
+        self.cache = HistoryCache(config.cache_order, rnn.config.vocab_size)
+        self.register_buffer("weights", torch.tensor(config.weights, dtype=torch.float32), persistent=False)
+
+    # what generation, scoring and the registry ask of a model
+    @property
+    def config(self):
+        return self.rnn.config
+
+    @property
+    def dense(self) -> nn.Linear:
+        return self.rnn.dense
+
+    @property
+    def impl(self) -> str:
+        return self.rnn.impl
+
+    def num_parameters(self) -> int:
+        return self.rnn.num_parameters()
+
+    def init_state(self, batch_size: int, device=None) -> tuple[torch.Tensor, ...]:
+        device = device or self.dense.weight.device
+        rnn_state = self.rnn.init_state(batch_size, device)
+        history = torch.full((1, batch_size, self.mixture.cache_window), -1, dtype=torch.long, device=device)
+        return (*self.split(rnn_state), history)
+
+    @staticmethod
+    def split(state) -> tuple[torch.Tensor, ...]:
+        return state if isinstance(state, tuple) else (state,)
+
+    def forward(self, inputs: torch.Tensor, state=None) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        probs, state = self.component_probs(inputs, state)
+        weights = self.weights[probs.pop("bucket")]  # (batch, steps, 3)
+        mixed = sum(weights[..., i, None] * probs[name] for i, name in enumerate(COMPONENTS))
+        return mixed.clamp(min=1e-30).log(), state
+
+    def component_probs(self, inputs: torch.Tensor, state=None) -> tuple[dict[str, torch.Tensor], tuple]:
+        """Each component's next-character distribution at every step, and the cache bucket."""
+        if state is None:
+            state = self.init_state(inputs.shape[0], inputs.device)
+        *rnn_state, history = state
+        rnn_state = tuple(rnn_state) if self.config.cell == "lstm" else rnn_state[0]
+        logits, rnn_state = self.rnn(inputs, rnn_state)
+        history = history[0]
+        batch, steps = inputs.shape
+        ngram = np.empty((batch, steps, self.config.vocab_size), dtype=np.float32)
+        cache, buckets = [], []
+        context = self.ngram.order - 1
+        for t in range(steps):
+            history = torch.cat([history[:, 1:], inputs[:, t:t + 1]], dim=1)
+            p, b = self.cache(history)
+            cache.append(p)
+            buckets.append(b)
+            recent = history[:, history.shape[1] - context:].tolist() if context else [[]] * batch
+            for row, ids in enumerate(recent):
+                ngram[row, t] = self.ngram.distribution([i for i in ids if i >= 0])
+        probs = {"rnn": F.softmax(logits.float(), dim=-1),
+                 "ngram": torch.from_numpy(ngram).to(inputs.device),
+                 "cache": torch.stack(cache, dim=1),
+                 "bucket": torch.stack(buckets, dim=1)}
+        return probs, (*self.split(rnn_state), history[None])
