@@ -389,6 +389,9 @@ class ModelInfo(ModelSummary):
     train_perplexity: float | None
     val_perplexity: float | None
     training: dict[str, Any] = Field(description="the training summary stored in the checkpoint")
+    mixture: dict[str, Any] | None = Field(
+        default=None, description="for a mixture model: its components (recurrent model, Kneser-Ney n-gram order, "
+                                  "cache order and window) and its per-bucket weights; null for a plain model")
 
 
 class ModelList(BaseModel):

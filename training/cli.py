@@ -24,6 +24,7 @@ from model_store.surprisal import surprisal_json
 from model_store.vocab import UnknownCharactersError, normalise_newlines
 from training import distributed
 from training.corpus import CorpusError
+from training.mix import MixConfig, mix
 from training.train import DEFAULT_LR, TrainConfig, train
 
 
@@ -68,9 +69,20 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--epochs", type=positive_int, default=50, help="passes over the training part")
     t.add_argument("--lr", type=float, default=None,
                    help=f"learning rate (default: {DEFAULT_LR['adam']} for adam, {DEFAULT_LR['sgd']} for sgd)")
-    t.add_argument("--optimizer", default="adam", choices=["sgd", "adam"], help="optimizer")
+    t.add_argument("--optimizer", default="adam", choices=["sgd", "adam", "adamw"],
+                   help="optimizer (adamw: Adam with decoupled weight decay)")
     t.add_argument("--clip", type=float, default=1.0, help="global gradient-norm clipping threshold (0: off)")
     t.add_argument("--weight-decay", type=float, default=0.0, help="L2 weight decay")
+    t.add_argument("--label-smoothing", type=float, default=0.0,
+                   help="share of each target's probability spread over the whole vocabulary")
+    t.add_argument("--weight-drop", type=float, default=0.0,
+                   help="DropConnect on the recurrent weights W_hh while training")
+    t.add_argument("--tie-weights", action="store_true",
+                   help="the output layer reuses the embedding matrix (needs --embed-size == --hidden-size)")
+    t.add_argument("--schedule", default="constant", choices=["constant", "cosine"],
+                   help="learning rate: constant, or cosine decay to zero over --epochs")
+    t.add_argument("--patience", type=int, default=0,
+                   help="stop after this many evaluations without a better validation perplexity (0: never)")
     t.add_argument("--init-std", type=float, default=0.0,
                    help="0: torch's default initialisation; S > 0: weights from N(0, S) and zero biases "
                         "(the tutorial uses 0.01)")
@@ -92,6 +104,22 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--sample-chars", type=positive_int, default=50, help="characters per sample line")
     t.add_argument("--prefixes", nargs="*", default=["分开", "不分开"], help="prefixes for sample lines")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    x = sub.add_parser("mix", help="build a mixture: recurrent model + Kneser-Ney n-gram + cache of the text",
+                       description="Combine a trained recurrent model with a Kneser-Ney n-gram of its training "
+                                   "text and a cache of the text being scored or continued. The weights are fitted "
+                                   "by EM on the held-out tail of --tune-model, the same recipe trained with "
+                                   "--max-chars equal to --model's training characters, so no weight is fitted "
+                                   "on validation text.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    x.add_argument("--corpus", required=True, help="the corpus both models were trained on")
+    x.add_argument("--model", required=True, help="the recurrent checkpoint to serve in the mixture")
+    x.add_argument("--tune-model", required=True,
+                   help="the same recipe trained on --model's training part only (--max-chars N)")
+    x.add_argument("--out", required=True, help="mixture checkpoint to write (.safetensors)")
+    x.add_argument("--order", type=positive_int, default=7, help="n-gram order (characters, context + 1)")
+    x.add_argument("--cache-order", type=positive_int, default=6, help="longest context the cache matches")
+    x.add_argument("--cache-window", type=positive_int, default=2048, help="characters of text the cache keeps")
 
     g = sub.add_parser("generate", help="continue a prefix", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_model_args(g)
@@ -171,6 +199,14 @@ def cmd_train(args) -> int:
     best = f"{result.best_val_perplexity:.2f}" if result.best_val_perplexity else "n/a"
     print(f"done: best validation perplexity {best} at epoch {result.best_epoch}, "
           f"final train perplexity {result.final_train_perplexity:.2f}; checkpoint {cfg.out}")
+    return 0
+
+
+def cmd_mix(args) -> int:
+    options = {k: v for k, v in vars(args).items() if k not in ("command", "argv")}
+    summary = mix(MixConfig(**options, command="lyrics " + shlex.join(args.argv)))
+    ppl = summary.get("val_perplexity")
+    print(f"done: mixture {args.out}, validation perplexity {ppl:.2f}" if ppl else f"done: mixture {args.out}")
     return 0
 
 
@@ -320,7 +356,7 @@ def read_text(path: str) -> str:
 
 
 COMMANDS = {"train": cmd_train, "generate": cmd_generate, "perplexity": cmd_perplexity, "models": cmd_models,
-            "serve": cmd_serve}
+            "serve": cmd_serve, "mix": cmd_mix}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -38,10 +38,11 @@ from training import distributed
 from training.batches import data_iter_consecutive, data_iter_random, num_batches
 from training.corpus import Corpus, CorpusError, load_corpus
 
-DEFAULT_LR = {"sgd": 100.0, "adam": 1e-3}  # sgd: the tutorial's 1e2 for its scratch RNN
+DEFAULT_LR = {"sgd": 100.0, "adam": 1e-3, "adamw": 1e-3}  # sgd: the tutorial's 1e2 for its scratch RNN
 # options a resumed run must share with the run it continues, or it would not be the same run
 RESUME_FIXED = ("cell", "hidden_size", "num_layers", "embed_size", "dropout", "num_steps", "batch_size", "lr",
-                "optimizer", "clip", "weight_decay", "init_std", "precision", "sampling", "val_frac", "newlines",
+                "optimizer", "clip", "weight_decay", "init_std", "label_smoothing", "weight_drop", "tie_weights",
+                "schedule", "precision", "sampling", "val_frac", "newlines",
                 "max_chars", "seed")
 
 
@@ -65,6 +66,11 @@ class TrainConfig:
     clip: float = 1.0
     weight_decay: float = 0.0
     init_std: float = 0.0  # > 0: weights drawn from N(0, init_std), biases zero (the tutorial's 0.01)
+    label_smoothing: float = 0.0  # share of each target's probability spread evenly over the vocabulary
+    weight_drop: float = 0.0
+    tie_weights: bool = False
+    schedule: str = "constant"  # cosine: the learning rate decays to zero over --epochs
+    patience: int = 0  # > 0: stop after this many evaluations without a better validation perplexity
     precision: str = "fp32"  # bf16: forward matmuls in bfloat16 (autocast), weights and loss in float32
     sampling: str = "consecutive"
     val_frac: float = 0.1
@@ -106,7 +112,16 @@ def make_optimizer(cfg: TrainConfig, model: CharLM) -> torch.optim.Optimizer:
         return torch.optim.SGD(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "adam":
         return torch.optim.Adam(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    raise ValueError(f"optimizer must be 'sgd' or 'adam', not {cfg.optimizer!r}")
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    raise ValueError(f"optimizer must be 'sgd', 'adam' or 'adamw', not {cfg.optimizer!r}")
+
+
+def learning_rate_at(cfg: TrainConfig, epoch: int) -> float:
+    """The learning rate for epoch `epoch` (0-based); stateless, so a resumed run follows the same schedule."""
+    if cfg.schedule == "cosine":
+        return cfg.learning_rate * 0.5 * (1 + math.cos(math.pi * epoch / cfg.epochs))
+    return cfg.learning_rate
 
 
 def setup(cfg: TrainConfig, corpus: Corpus, device: torch.device) -> tuple[CharLM, torch.optim.Optimizer, random.Random]:
@@ -114,7 +129,8 @@ def setup(cfg: TrainConfig, corpus: Corpus, device: torch.device) -> tuple[CharL
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
     config = ModelConfig(cell=cfg.cell, vocab_size=len(corpus.vocab), hidden_size=cfg.hidden_size,
-                         num_layers=cfg.num_layers, embed_size=cfg.embed_size, dropout=cfg.dropout)
+                         num_layers=cfg.num_layers, embed_size=cfg.embed_size, dropout=cfg.dropout,
+                         weight_drop=cfg.weight_drop, tie_weights=cfg.tie_weights)
     model = CharLM(config, impl=cfg.impl)
     if cfg.init_std > 0:
         for param in model.parameters():
@@ -159,12 +175,15 @@ def train_epoch(model: CharLM, optimizer: torch.optim.Optimizer, corpus: Corpus,
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
             logits, state = model(X, state)
         # the loss in float32: a bfloat16 log-softmax over the vocabulary visibly slows convergence
-        loss = F.cross_entropy(logits.float().reshape(-1, vocab_size), Y.reshape(-1))
+        log_probs = F.log_softmax(logits.float().reshape(-1, vocab_size), dim=-1)
+        nll = F.nll_loss(log_probs, Y.reshape(-1))
+        # label smoothing, written out so the reported perplexity stays the plain one
+        loss = (1 - cfg.label_smoothing) * nll - cfg.label_smoothing * log_probs.mean() if cfg.label_smoothing else nll
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         norm_sum += clip_gradients(params, cfg.clip)
         optimizer.step()
-        loss_sum += loss.item() * Y.numel()
+        loss_sum += nll.item() * Y.numel()
         n_chars += Y.numel()
         n_batches += 1
     if n_batches == 0:
@@ -186,6 +205,8 @@ def train(cfg: TrainConfig, log=None) -> TrainResult:
     log = (log or (lambda msg: tqdm.write(msg, file=sys.stderr))) if main else (lambda msg: None)
     if cfg.sampling not in ("random", "consecutive"):
         raise ValueError(f"sampling must be 'random' or 'consecutive', not {cfg.sampling!r}")
+    if cfg.schedule not in ("constant", "cosine"):
+        raise ValueError(f"schedule must be 'constant' or 'cosine', not {cfg.schedule!r}")
     if cfg.precision not in ("fp32", "bf16"):
         raise ValueError(f"precision must be 'fp32' or 'bf16', not {cfg.precision!r}")
     if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.num_steps < 1:
@@ -227,6 +248,8 @@ def train(cfg: TrainConfig, log=None) -> TrainResult:
     train_ppl = math.nan
     for epoch in bar:
         t0 = time.perf_counter()
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate_at(cfg, epoch)
         distributed.seed_dropout(cfg.seed, epoch)
         loss, grad_norm, n_chars = train_epoch(net, optimizer, corpus, cfg, rng, device)
         loss, n_chars = distributed.mean_over_ranks(loss, n_chars, device)
@@ -237,6 +260,7 @@ def train(cfg: TrainConfig, log=None) -> TrainResult:
         evaluate_now = number % cfg.eval_every == 0 or number == cfg.epochs
         val_ppl = distributed.from_main(lambda: evaluate(model, corpus), device) if evaluate_now else None
         record = {"epoch": number, "train_perplexity": train_ppl, "val_perplexity": finite_or_none(val_ppl),
+                  "lr": optimizer.param_groups[0]["lr"],
                   "grad_norm": grad_norm, "chars_per_sec": n_chars / elapsed, "seconds": elapsed}
         history.append(record)
         improved = evaluate_now and (not corpus.val_ids or best_val is None or
@@ -259,6 +283,10 @@ def train(cfg: TrainConfig, log=None) -> TrainResult:
             for p in prefixes:
                 text = generate(model, corpus.vocab, p, cfg.sample_chars)[0].text
                 log(f"epoch {number} sample: {text!r}")
+        if cfg.patience and best_val is not None and number - best_epoch >= cfg.patience * cfg.eval_every:
+            log(f"early stop after epoch {number}: no better validation perplexity in {cfg.patience} evaluations "
+                f"(best {best_val:.2f} at epoch {best_epoch})")
+            break
     bar.close()
     if start_epoch >= cfg.epochs:
         log(f"nothing to do: {paths['resume']} already reached epoch {start_epoch} (raise --epochs to go on)")
@@ -266,7 +294,7 @@ def train(cfg: TrainConfig, log=None) -> TrainResult:
     if main:
         plot_curves(paths["curves"], history)
     return TrainResult(best_val_perplexity=best_val, best_epoch=best_epoch, final_train_perplexity=train_ppl,
-                       epochs_run=cfg.epochs - start_epoch, history=history)
+                       epochs_run=len(history) - min(start_epoch, len(history)), history=history)
 
 
 def training_summary(cfg: TrainConfig, corpus: Corpus, history: list[dict], best_val: float | None,
@@ -295,7 +323,7 @@ def training_summary(cfg: TrainConfig, corpus: Corpus, history: list[dict], best
 def save_resume_state(path: Path, model: CharLM, optimizer: torch.optim.Optimizer, rng: random.Random,
                       cfg: TrainConfig, corpus: Corpus, epoch: int, best_val: float | None, best_epoch: int,
                       seconds: float) -> None:
-    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.weight_tensors().items()}
     opt = optimizer.state_dict()
     opt_scalars: dict[str, dict] = {}
     for pid, pstate in opt["state"].items():
@@ -332,7 +360,8 @@ def load_resume_state(path: Path, model: CharLM, optimizer: torch.optim.Optimize
     if changed:
         listed = ", ".join(f"{k} was {old!r}, now {new!r}" for k, (old, new) in changed.items())
         raise ValueError(f"--resume: options differ from the run being resumed: {listed}")
-    model.load_state_dict({k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")})
+    model.load_state_dict({k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")},
+                          strict=not model.config.tie_weights)
     opt_state: dict[int, dict] = {}
     for key, value in tensors.items():
         if key.startswith("optim."):
