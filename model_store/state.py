@@ -7,11 +7,13 @@ the result is exactly that of generating from the whole text, and an empty new p
 
 A handle is `ls1.<body>.<mac>`, both parts base64url without padding:
 
-    body = 4-byte little-endian header length | JSON header | float32 LE state | packed seen bits
+    body = 4-byte little-endian header length | JSON header | state tensors | packed seen bits
     mac  = HMAC-SHA256(key, "ls1." + base64url(body))
 
 The header names the model (name, a SHA-256 of its weights, of its vocabulary, its sizes) and
-the expiry time. Nothing is unpickled: the body is a JSON header and raw little-endian floats.
+the expiry time. The state tensors are raw little-endian bytes (float32; a mixture model's
+history is int64), laid out as the model's own `init_state(1)`, which is also what a handle
+is checked against when it is opened. Nothing is unpickled.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ class StateError(ValueError):
 class Snapshot:
     """One continuation's resumable position (tensors on the CPU)."""
 
-    state: State  # (layers, 1, hidden); LSTM: (h, c). After every character but the last.
+    state: State  # the model's state for one row, after every character but the last
     last: int  # the last character's index: fed first when the text continues
     seen: torch.Tensor  # (vocab,) bool: the characters of the text so far
 
@@ -110,11 +112,9 @@ class StateCodec:
                   "cell": identity.cell, "layers": identity.num_layers, "hidden": identity.hidden_size,
                   "vocab_size": identity.vocab_size, "last": snapshot.last, "expires": int(now + self.ttl_s)}
         raw = json.dumps(header, ensure_ascii=False, separators=(",", ":")).encode()
-        parts = snapshot.state if isinstance(snapshot.state, tuple) else (snapshot.state,)
-        floats = b"".join(p.detach().to("cpu", torch.float32).contiguous().numpy().astype("<f4").tobytes()
-                          for p in parts)
+        tensors = b"".join(little_endian(p.detach().cpu().numpy()).tobytes() for p in parts_of(snapshot.state))
         seen = np.packbits(snapshot.seen.to("cpu").numpy().astype(bool), bitorder="little").tobytes()
-        signed = PREFIX + b64encode(struct.pack("<I", len(raw)) + raw + floats + seen)
+        signed = PREFIX + b64encode(struct.pack("<I", len(raw)) + raw + tensors + seen)
         return signed + "." + b64encode(self.mac(signed))
 
     def open(self, handle: str, now: float | None = None) -> OpenedState:
@@ -152,24 +152,36 @@ class OpenedState:
     def model(self) -> str:
         return str(self.header.get("model"))
 
-    def snapshot(self, identity: ModelIdentity, device=None) -> Snapshot:
-        """The snapshot, if the handle was made by exactly this model; StateError('model_mismatch') if not."""
-        h = self.header
+    def snapshot(self, name: str, model: CharLM, vocab: Vocabulary) -> Snapshot:
+        """The snapshot (on the CPU), if the handle was made by exactly this model; StateError('model_mismatch')
+        if not. Its tensors must be laid out as the model's own `init_state(1)`."""
+        h, identity, template = self.header, model_identity(name, model, vocab), model.init_state(1, "cpu")
         if h.get("model") != identity.name:
             raise StateError("model_mismatch", f"the state handle belongs to model {self.model!r}, not "
                                                f"{identity.name!r}: send it with model {self.model!r} (or none)")
         if h.get("weights") != identity.weights or h.get("vocab") != identity.vocab:
             raise StateError("model_mismatch", f"model {identity.name!r} has changed since the state handle was "
                                                "made (other weights or vocabulary): generate from the whole text again")
-        layers, hidden, vocab_size = identity.num_layers, identity.hidden_size, identity.vocab_size
-        parts = 2 if identity.cell == "lstm" else 1
-        n_floats = parts * layers * hidden
-        seen_bytes = (vocab_size + 7) // 8
+        shapes = [(little_endian(t.cpu().numpy()).dtype, t.shape) for t in parts_of(template)]
+        sizes = [dtype.itemsize * int(np.prod(shape)) for dtype, shape in shapes]
+        seen_bytes = (identity.vocab_size + 7) // 8
         last = h.get("last")
-        if len(self.payload) != 4 * n_floats + seen_bytes or not isinstance(last, int) or not 0 <= last < vocab_size:
+        if len(self.payload) != sum(sizes) + seen_bytes or not isinstance(last, int) \
+                or not 0 <= last < identity.vocab_size:
             raise StateError("invalid", "the state handle's contents do not fit the model")
-        floats = torch.from_numpy(np.frombuffer(self.payload, dtype="<f4", count=n_floats).astype(np.float32))
-        tensors = tuple(t.reshape(layers, 1, hidden).to(device) for t in floats.chunk(parts))
-        bits = np.unpackbits(np.frombuffer(self.payload[4 * n_floats:], dtype=np.uint8), bitorder="little")
-        seen = torch.from_numpy(bits[:vocab_size].astype(bool)).to(device)
-        return Snapshot(tensors if parts == 2 else tensors[0], last, seen)
+        parts, offset = [], 0
+        for (dtype, shape), size in zip(shapes, sizes, strict=True):
+            values = np.frombuffer(self.payload, dtype=dtype, count=size // dtype.itemsize, offset=offset)
+            parts.append(torch.from_numpy(values.astype(dtype.newbyteorder("="))).reshape(shape))
+            offset += size
+        bits = np.unpackbits(np.frombuffer(self.payload, dtype=np.uint8, offset=offset), bitorder="little")
+        seen = torch.from_numpy(bits[:identity.vocab_size].astype(bool))
+        return Snapshot(tuple(parts) if isinstance(template, tuple) else parts[0], last, seen)
+
+
+def parts_of(state: State) -> tuple[torch.Tensor, ...]:
+    return state if isinstance(state, tuple) else (state,)
+
+
+def little_endian(array: np.ndarray) -> np.ndarray:
+    return array.astype(array.dtype.newbyteorder("<"), copy=False)

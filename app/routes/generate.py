@@ -111,7 +111,7 @@ def open_state(body: GenerateRequest, models: ServedModels, codec: StateCodec) -
     try:
         opened = codec.open(body.state)
         ck = models.get(body.model if body.model is not None else opened.model)
-        return ck, opened.snapshot(model_identity(ck.name, ck.model, ck.vocab))
+        return ck, opened.snapshot(ck.name, ck.model, ck.vocab)
     except StateError as e:
         raise invalid([{"loc": ["body", "state"], "msg": str(e), "type": f"state_{e.kind}"}]) from e
 

@@ -9,6 +9,8 @@ import pytest
 import torch
 
 from model_store.generate import SamplingParams, generate
+from model_store.mixture import MixtureConfig, MixtureLM
+from model_store.ngram import KneserNey
 from model_store.state import StateCodec, StateError, model_identity
 from model_store.vocab import Vocabulary
 
@@ -74,7 +76,7 @@ def test_a_handle_round_trips_exactly(make_model):
     identity = model_identity("m", model, VOCAB)
     handle = CODEC.encode(first.state, identity)
     assert handle.startswith("ls1.") and handle.isascii()
-    restored = CODEC.open(handle).snapshot(identity)
+    restored = CODEC.open(handle).snapshot("m", model, VOCAB)
     for got, want in zip(restored.state, first.state.state, strict=True):
         assert torch.equal(got, want)
     assert restored.last == first.state.last and torch.equal(restored.seen, first.state.seen)
@@ -123,17 +125,33 @@ def test_another_model_is_refused(sealed, make_model):
     model, handle = sealed
     opened = CODEC.open(handle, now=1000.0)
     with pytest.raises(StateError, match="belongs to model 'm'") as e:
-        opened.snapshot(model_identity("other", model, VOCAB))
+        opened.snapshot("other", model, VOCAB)
     assert e.value.kind == "model_mismatch"
     retrained = make_model(cell="gru", embed_size=8, vocab_size=len(VOCAB), seed=1)
     with pytest.raises(StateError, match="has changed") as e:
-        opened.snapshot(model_identity("m", retrained, VOCAB))
+        opened.snapshot("m", retrained, VOCAB)
     assert e.value.kind == "model_mismatch"
     with pytest.raises(StateError, match="has changed"):
-        opened.snapshot(model_identity("m", model, Vocabulary("abcdefghij\nx")))
+        opened.snapshot("m", model, Vocabulary("abcdefghij\nx"))
 
 
 def test_a_handle_holds_no_pickle(sealed):
     body = base64.urlsafe_b64decode(sealed[1].split(".")[1] + "==")
     assert not body[4:].startswith(b"\x80")  # after the length: a JSON header, not a pickle stream
     assert body[4:5] == b"{"
+
+
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+def test_a_mixture_models_handle_carries_its_cache_history(make_model, cell):
+    """A mixture's state is the recurrent state plus the recent characters (int64) its cache reads."""
+    rnn = make_model(cell, vocab_size=len(VOCAB), hidden_size=8, embed_size=4, seed=3)
+    ngram = KneserNey.fit(VOCAB.encode("abc def\nabc deg\nhij abc\n" * 3), 3, len(VOCAB))
+    weights = tuple((0.4, 0.4, 0.2) for _ in range(5))
+    model = MixtureLM(rnn, ngram, MixtureConfig(weights=weights, cache_order=4, cache_window=16)).eval()
+    params = SamplingParams(temperature=0.9)
+    [first] = generate(model, VOCAB, "abc d", 9, params, seed=2, keep_state=True)
+    handle = CODEC.encode(first.state, model_identity("mix", model, VOCAB))
+    restored = CODEC.open(handle).snapshot("mix", model, VOCAB)
+    assert restored.state[-1].dtype == torch.int64
+    [then] = generate(model, VOCAB, "ab", 12, params, seed=5, start=restored)
+    assert then.generated == generate(model, VOCAB, first.text + "ab", 12, params, seed=5)[0].generated
