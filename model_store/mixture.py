@@ -42,8 +42,8 @@ class MixtureConfig:
     cache_window: int = 2048
 
     def __post_init__(self):
-        if self.cache_order < 1 or self.cache_window < 2:
-            raise ValueError("cache_order must be at least 1 and cache_window at least 2")
+        if self.cache_order < 1 or self.cache_window <= self.cache_order:
+            raise ValueError("cache_order must be at least 1 and cache_window longer than cache_order")
         if len(self.weights) != self.cache_order + 1:
             raise ValueError(f"need {self.cache_order + 1} weight triples (one per bucket), not {len(self.weights)}")
         for w in self.weights:
@@ -62,28 +62,26 @@ class HistoryCache:
 
     def __call__(self, history: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(p_cache (batch, vocab), bucket (batch,)) for the character after each window."""
-        batch, window = history.shape
+        batch, window, order = *history.shape, self.order
         follower = history[:, 1:]  # position j of the window was followed by follower[j]
-        index = follower.clamp(min=0)
-        match = follower >= 0
-        p = torch.full((batch, self.vocab_size), 1.0 / self.vocab_size, device=history.device)
-        bucket = torch.zeros(batch, dtype=torch.long, device=history.device)
-        for k in range(self.order + 1):
-            if k:  # extend every match by one more character of context
-                i = k - 1
-                current = history[:, window - 1 - i, None]
-                earlier = F.pad(history[:, :window - 1 - i], (i, 0), value=-2)
-                match = match & (earlier == current) & (current >= 0)
-            counts = torch.zeros(batch, self.vocab_size, device=history.device).scatter_add_(1, index, match.float())
-            total = counts.sum(1, keepdim=True)
-            types = (counts > 0).sum(1, keepdim=True).float()
-            seen = total[:, 0] > 0
-            if not seen.any():
-                break
-            interpolated = (counts + types * p) / (total + types).clamp(min=1)
-            p = torch.where(seen[:, None], interpolated, p)
-            if k:
-                bucket = torch.where(seen, k, bucket)
+        # earlier[:, i, j]: the character i places before position j (-2 off the left edge)
+        earlier = F.pad(history[:, :-1], (order, 0), value=-2).unfold(1, window - 1, 1).flip(1)[:, :order]
+        current = history[:, window - order:].flip(1)  # current[:, i]: the character i places before the next
+        same = (earlier == current[:, :, None]) & (current[:, :, None] >= 0)
+        # match[:, k, j]: position j ends the same k characters as the window does, and has a follower
+        match = torch.cat([(follower >= 0)[:, None], same], dim=1).to(torch.uint8).cumprod(dim=1)
+        counts = torch.zeros(batch, order + 1, self.vocab_size, device=history.device).scatter_add_(
+            2, follower.clamp(min=0)[:, None].expand(-1, order + 1, -1), match.float())
+        totals = counts.sum(2)
+        types = (counts > 0).sum(2).float()
+        seen = totals > 0  # (batch, order + 1): the context of length k occurred before
+        # Witten-Bell from the text's unigram (k = 0) up: p_k = (counts_k + types_k p_(k-1)) / (totals_k + types_k),
+        # p_k = p_(k-1) where context k was never seen, p_(-1) uniform. Unrolled: p = sum_k coef_k counts_k + rest / V
+        own = torch.where(seen, 1 / (totals + types).clamp(min=1), 0.0)
+        carry = torch.where(seen, types * own, 1.0)
+        later = torch.cat([carry.flip(1).cumprod(1).flip(1)[:, 1:], torch.ones(batch, 1, device=history.device)], 1)
+        p = torch.bmm((own * later)[:, None], counts)[:, 0] + (carry.prod(1, keepdim=True) / self.vocab_size)
+        bucket = seen[:, 1:].sum(1)  # contexts are nested: the number seen is the longest matched length
         return p, bucket
 
 
