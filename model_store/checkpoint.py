@@ -94,7 +94,7 @@ def save_checkpoint(path: str | os.PathLike, model: CharLM | MixtureLM, vocab: V
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in rnn.weight_tensors().items()}
     if isinstance(model, MixtureLM):  # the n-gram's count tables ride along as integer tensors
         meta["mixture"] = model.mixture.to_dict()
-        tensors.update(model.ngram.to_tensors())
+        tensors.update(model.ngram.to_tensors() if model.ngram else {})
     atomic_write_bytes(path, safetensors_bytes(tensors, metadata={METADATA_KEY: json.dumps(meta, ensure_ascii=False)}))
 
 
@@ -147,7 +147,7 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
 def load_mixture(path, rnn: CharLM, settings, ngram_tensors: dict[str, torch.Tensor]) -> MixtureLM:
     try:
         config = MixtureConfig(**{**settings, "weights": tuple(tuple(w) for w in settings["weights"])})
-        ngram = KneserNey.from_tensors(ngram_tensors)
+        ngram = KneserNey.from_tensors(ngram_tensors) if ngram_tensors else None
         return MixtureLM(rnn, ngram, config)
     except (TypeError, ValueError, KeyError, RuntimeError) as e:
         raise CheckpointError(f"{path}: invalid mixture (weights or n-gram tables): {e}") from e

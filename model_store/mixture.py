@@ -3,7 +3,8 @@
     p(w | text so far) = l_rnn(b) p_rnn(w) + l_ngram(b) p_ngram(w) + l_cache(b) p_cache(w)
 
 * p_rnn: the recurrent model's softmax.
-* p_ngram: the Kneser-Ney n-gram of the training text (ngram.py).
+* p_ngram: the Kneser-Ney n-gram of the training text (ngram.py); optional: without it
+  (weight 0) the mixture is the recurrent model with a cache and nothing else.
 * p_cache: an n-gram of the text being scored or continued, up to `cache_order`
   characters of context over the last `cache_window` characters, interpolated
   Witten-Bell style from the longest matching context down to the text's unigram.
@@ -86,9 +87,11 @@ class HistoryCache:
 
 
 class MixtureLM(nn.Module):
-    def __init__(self, rnn: CharLM, ngram: KneserNey, config: MixtureConfig):
+    def __init__(self, rnn: CharLM, ngram: KneserNey | None, config: MixtureConfig):
         super().__init__()
-        if ngram.vocab_size != rnn.config.vocab_size:
+        if ngram is None and any(w[1] for w in config.weights):
+            raise ValueError("a mixture without an n-gram must give it weight 0 in every bucket")
+        if ngram is not None and ngram.vocab_size != rnn.config.vocab_size:
             raise ValueError(f"n-gram vocabulary {ngram.vocab_size} != model vocabulary {rnn.config.vocab_size}")
         self.rnn, self.ngram, self.mixture = rnn, ngram, config
         self.cache = HistoryCache(config.cache_order, rnn.config.vocab_size)
@@ -135,14 +138,16 @@ class MixtureLM(nn.Module):
         logits, rnn_state = self.rnn(inputs, rnn_state)
         history = history[0]
         batch, steps = inputs.shape
-        ngram = np.empty((batch, steps, self.config.vocab_size), dtype=np.float32)
+        ngram = np.zeros((batch, steps, self.config.vocab_size), dtype=np.float32)
         cache, buckets = [], []
-        context = self.ngram.order - 1
+        context = self.ngram.order - 1 if self.ngram else 0
         for t in range(steps):
             history = torch.cat([history[:, 1:], inputs[:, t:t + 1]], dim=1)
             p, b = self.cache(history)
             cache.append(p)
             buckets.append(b)
+            if self.ngram is None:
+                continue
             recent = history[:, history.shape[1] - context:].tolist() if context else [[]] * batch
             for row, ids in enumerate(recent):
                 ngram[row, t] = self.ngram.distribution([i for i in ids if i >= 0])

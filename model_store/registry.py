@@ -73,7 +73,8 @@ def describe(ck: Checkpoint, default: str | None = None) -> dict:
 def mixture_description(model) -> dict | None:
     if not isinstance(model, MixtureLM):
         return None
-    return {"components": ["rnn", "ngram", "cache"], "ngram_order": model.ngram.order, **model.mixture.to_dict()}
+    return {"components": ["rnn", "ngram", "cache"] if model.ngram else ["rnn", "cache"],
+            "ngram_order": model.ngram.order if model.ngram else None, **model.mixture.to_dict()}
 
 
 def outside_directory(path: Path, directory: str | os.PathLike) -> bool:

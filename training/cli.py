@@ -120,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--order", type=positive_int, default=7, help="n-gram order (characters, context + 1)")
     x.add_argument("--cache-order", type=positive_int, default=6, help="longest context the cache matches")
     x.add_argument("--cache-window", type=positive_int, default=2048, help="characters of text the cache keeps")
+    x.add_argument("--no-ngram", dest="ngram", action="store_false",
+                   help="no n-gram: the recurrent model and the cache of the text alone")
 
     g = sub.add_parser("generate", help="continue a prefix", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_model_args(g)

@@ -33,6 +33,7 @@ class MixConfig:
     order: int = 7
     cache_order: int = 6
     cache_window: int = 2048
+    ngram: bool = True  # False: the recurrent model and the cache alone
     command: str = ""
 
 
@@ -86,28 +87,35 @@ def mix(cfg: MixConfig, log=None) -> dict:
                           f"overlap the validation text. Train it with --max-chars {len(corpus.train_ids)}")
 
     n_buckets = cfg.cache_order + 1
-    uniform = MixtureConfig(weights=tuple((1 / 3, 1 / 3, 1 / 3) for _ in range(n_buckets)),
-                            cache_order=cfg.cache_order, cache_window=cfg.cache_window)
+    start = (1 / 3, 1 / 3, 1 / 3) if cfg.ngram else (0.5, 0.0, 0.5)
+    uniform = MixtureConfig(weights=(start,) * n_buckets, cache_order=cfg.cache_order, cache_window=cfg.cache_window)
+    components = [name for name in COMPONENTS if cfg.ngram or name != "ngram"]
+
+    def ngram_of(ids, vocab_size):
+        return KneserNey.fit(ids, cfg.order, vocab_size) if cfg.ngram else None
+
     log(f"fitting the mixture weights on the last {len(tune_corpus.val_ids):,} characters of the training part")
-    tune_mixture = MixtureLM(tuner.model, KneserNey.fit(tune_corpus.train_ids, cfg.order, len(tune_corpus.vocab)),
-                             uniform).eval()
+    tune_mixture = MixtureLM(tuner.model, ngram_of(tune_corpus.train_ids, len(tune_corpus.vocab)), uniform).eval()
     probs, buckets = target_probs(tune_mixture, tune_corpus.train_ids[-1:] + tune_corpus.val_ids)
-    weights = fit_weights(probs, buckets, n_buckets)
+    weights = fit_weights(probs, buckets, n_buckets)  # an absent n-gram (probability 0) gets weight 0
     tuned = (weights[buckets] * probs.double()).sum(1).log().mean().neg().exp().item()
     log(f"tuning-text perplexity: mixture {tuned:.1f}; " + ", ".join(
-        f"{name} alone {math.exp(-probs[:, i].double().log().mean().item()):.1f}" for i, name in enumerate(COMPONENTS)))
+        f"{name} alone {math.exp(-probs[:, i].double().log().mean().item()):.1f}" for i, name in enumerate(COMPONENTS)
+        if name in components))
 
     config = MixtureConfig(weights=tuple(tuple(round(float(x), 6) for x in row / row.sum()) for row in weights),
                            cache_order=cfg.cache_order, cache_window=cfg.cache_window)
-    model = MixtureLM(final.model, KneserNey.fit(corpus.train_ids, cfg.order, len(corpus.vocab)), config).eval()
+    model = MixtureLM(final.model, ngram_of(corpus.train_ids, len(corpus.vocab)), config).eval()
     summary = dict(final.training)
     report = {"command": cfg.command, "recurrent_model": str(final.path), "tuning_model": str(tuner.path),
-              "tuning_chars": len(tune_corpus.val_ids), "tuning_perplexity": tuned, "ngram_order": cfg.order,
+              "tuning_chars": len(tune_corpus.val_ids), "tuning_perplexity": tuned,
+              "ngram_order": cfg.order if cfg.ngram else None,
               "recurrent_training_command": final.training.get("command")}
     if corpus.val_ids:
         val_ids = corpus.train_ids[-1:] + corpus.val_ids
         val_probs, val_buckets = target_probs(model, val_ids)
-        alone = {name: math.exp(-val_probs[:, i].double().log().mean().item()) for i, name in enumerate(COMPONENTS)}
+        alone = {name: math.exp(-val_probs[:, i].double().log().mean().item()) for i, name in enumerate(COMPONENTS)
+                 if name in components}
         summary["val_perplexity"] = score_ids(model, val_ids).perplexity
         report["val_perplexity_alone"] = alone
         log(f"validation perplexity: mixture {summary['val_perplexity']:.1f}; " +

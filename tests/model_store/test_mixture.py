@@ -123,3 +123,14 @@ def test_weights_must_be_one_triple_per_bucket_summing_to_one():
         MixtureConfig(weights=weights(2), cache_order=3)
     with pytest.raises(ValueError, match="summing to 1"):
         MixtureConfig(weights=((0.5, 0.5, 0.5), (1.0, 0.0, 0.0)), cache_order=1)
+
+
+def test_a_mixture_without_an_ngram_must_not_weigh_one(mixture, tmp_path):
+    with pytest.raises(ValueError, match="weight 0"):
+        MixtureLM(mixture.rnn, None, mixture.mixture)
+    no_ngram = MixtureLM(mixture.rnn, None, MixtureConfig(weights=((0.6, 0.0, 0.4),) * 5, cache_order=4,
+                                                          cache_window=16)).eval()
+    out = log_probs(no_ngram, TEXT)
+    assert torch.allclose(out.exp().sum(-1), torch.ones(len(TEXT)), atol=1e-5)
+    save_checkpoint(tmp_path / "m.safetensors", no_ngram, VOCAB, "keep", {})
+    assert torch.allclose(log_probs(load_checkpoint(tmp_path / "m.safetensors").model, TEXT), out, atol=1e-6)

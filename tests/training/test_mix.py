@@ -3,6 +3,7 @@ checkpoint that reports its validation perplexity and serves like any model."""
 
 import pytest
 import torch
+from safetensors import safe_open
 
 from model_store.checkpoint import load_checkpoint, read_metadata
 from model_store.mixture import MixtureLM
@@ -63,3 +64,14 @@ def test_a_tuning_model_that_saw_the_validation_text_is_refused(models, session_
     assert code == 2
     assert "overlap the validation text" in capsys.readouterr().err
     assert not (models / "bad.safetensors").exists()
+
+
+def test_without_the_ngram_the_mixture_is_the_recurrent_model_and_the_cache(models, session_corpus_file, capsys):
+    out = models / "rnn-cache.safetensors"
+    assert main(["mix", "--corpus", str(session_corpus_file), "--model", str(models / "final.safetensors"),
+                 "--tune-model", str(models / "tune.safetensors"), "--out", str(out), "--no-ngram",
+                 "--cache-order", "3", "--cache-window", "256"]) == 0
+    ck = load_checkpoint(out)
+    assert ck.model.ngram is None and all(w[1] == 0 for w in ck.model.mixture.weights)
+    assert not any(name.startswith("ngram.") for name in safe_open(out, "pt").keys())
+    assert set(read_metadata(out)["training"]["mixture"]["val_perplexity_alone"]) == {"rnn", "cache"}
