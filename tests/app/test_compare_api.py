@@ -179,13 +179,12 @@ async def test_busy_engine_is_503_and_the_admitted_generations_are_stopped(make_
         r = await post(client, prefix="分开", max_chars=2000)
         assert_error(r, 503, "busy")
         assert r.headers["retry-after"] == "1"
+        engine = app.state.engine
+        await settled(engine)
+        assert engine.finished["cancelled"] == 1
         # one model and a text: the scoring call is refused while the generation runs
         assert_error(await post(client, prefix="分开", max_chars=2000, models=["gru"], text="分开的爱"), 503, "busy")
-        engine = app.state.engine
-        for _ in range(500):
-            if engine.pending == 0:
-                break
-            await anyio.sleep(0.01)
+        await settled(engine)
         assert engine.pending == 0 and engine.finished["cancelled"] == 2
         assert (await post(client, prefix="分开", max_chars=5, models=["gru"])).status_code == 200
 
@@ -194,7 +193,16 @@ async def test_deadline_is_504(make_client, model_dir):
     settings = Settings(model_dir=model_dir, device="cpu", request_timeout_s=1e-6)
     async with make_client(settings) as (app, client):
         assert_error(await post(client, prefix="分开", max_chars=500), 504, "timeout")
-        assert app.state.engine.in_flight == 0
+        await settled(app.state.engine)  # the other model's generation, stopped on the way out, retires
+        assert app.state.engine.in_flight == 0 and app.state.engine.pending == 0
+
+
+async def settled(engine) -> None:
+    """Wait (up to 5 s) until the engine has nothing running or waiting."""
+    for _ in range(500):
+        if engine.pending == 0 and engine.in_flight == 0:
+            return
+        await anyio.sleep(0.01)
 
 
 async def test_each_model_runs_in_its_own_batch_beside_other_requests(app_client, checkpoints):
