@@ -79,6 +79,8 @@ def process_group(device: str) -> Iterator[None]:
     dist.init_process_group("nccl" if resolved.type == "cuda" else "gloo")
     try:
         yield
+        # leave together: a rank that tore the group down while rank 0 still wrote its files could abort
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -111,6 +111,22 @@ def test_only_rank_0_writes_files_and_logs(runs):
         assert done.stderr.count("sample: '分开") == 1 and done.stderr.count("sample: '不分开") == 1
 
 
+@pytest.mark.slow
+def test_every_rank_stops_early_after_the_same_epoch(tmp_path):
+    # the validation part is shuffled text: its perplexity soon rises while training fits the lyric, and
+    # --patience stops the run; a rank that went on alone would wait for the others until the timeout
+    shuffled = list(LYRIC * 2)
+    random.Random(1).shuffle(shuffled)
+    corpus = tmp_path / "lyrics.txt"
+    corpus.write_text(LYRIC * 12 + "".join(shuffled), encoding="utf-8")
+    out = tmp_path / "rnn.safetensors"
+    options = ["--val-frac", "0.15", "--patience", "1", "--hidden-size", "64", "--lr", "0.02"]
+    done = run(train_command(corpus, out, 40, processes=2) + options)
+    assert done.stderr.count("early stop after epoch") == 1
+    stopped = len(metrics(out))
+    assert 1 < stopped < 40 and f"early stop after epoch {stopped}:" in done.stderr
+
+
 # The sharding and the single-process case, in this process ----------------------------------
 
 CORPUS = list(range(1000, 1203))
