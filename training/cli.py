@@ -25,7 +25,7 @@ from model_store.vocab import UnknownCharactersError, normalise_newlines
 from training import distributed
 from training.corpus import CorpusError
 from training.mix import MixConfig, mix
-from training.train import DEFAULT_LR, TrainConfig, train
+from training.train import DEFAULT_LR, RECIPE, TrainConfig, train
 
 
 def positive_int(text: str) -> int:
@@ -59,29 +59,35 @@ def build_parser() -> argparse.ArgumentParser:
                         "auto: fused with an embedding, scratch with one-hot input")
     t.add_argument("--hidden-size", type=positive_int, default=256, help="hidden units per layer")
     t.add_argument("--num-layers", type=positive_int, default=1, help="stacked recurrent layers")
-    t.add_argument("--embed-size", type=non_negative_int, default=0,
-                   help="0: one-hot input as the tutorial; N: a learned N-wide character embedding")
-    t.add_argument("--dropout", type=float, default=0.0, help="dropout between stacked layers")
-    t.add_argument("--num-steps", type=positive_int, default=35, help="characters per training sequence (BPTT)")
+    t.add_argument("--embed-size", type=non_negative_int, default=RECIPE["embed_size"],
+                   help="0: one-hot input as the tutorial; N: a learned N-wide character embedding "
+                        "(default: the hidden size)")
+    t.add_argument("--dropout", type=float, default=RECIPE["dropout"],
+                   help="dropout on the embedding, between stacked layers and before the output layer")
+    t.add_argument("--num-steps", type=positive_int, default=RECIPE["num_steps"],
+                   help="characters per training sequence (BPTT)")
     t.add_argument("--batch-size", type=positive_int, default=32,
                    help="sequences per minibatch over all processes (under torchrun each of N processes computes "
                         "batch-size / N of them)")
-    t.add_argument("--epochs", type=positive_int, default=50, help="passes over the training part")
+    t.add_argument("--epochs", type=positive_int, default=RECIPE["epochs"], help="passes over the training part")
     t.add_argument("--lr", type=float, default=None,
-                   help=f"learning rate (default: {DEFAULT_LR['adam']} for adam, {DEFAULT_LR['sgd']} for sgd)")
-    t.add_argument("--optimizer", default="adam", choices=["sgd", "adam", "adamw"],
+                   help=f"learning rate (default: {DEFAULT_LR['adamw']} for adamw, {DEFAULT_LR['adam']} for adam, "
+                        f"{DEFAULT_LR['sgd']} for sgd)")
+    t.add_argument("--optimizer", default=RECIPE["optimizer"], choices=["sgd", "adam", "adamw"],
                    help="optimizer (adamw: Adam with decoupled weight decay)")
     t.add_argument("--clip", type=float, default=1.0, help="global gradient-norm clipping threshold (0: off)")
-    t.add_argument("--weight-decay", type=float, default=0.0, help="L2 weight decay")
-    t.add_argument("--label-smoothing", type=float, default=0.0,
+    t.add_argument("--weight-decay", type=float, default=RECIPE["weight_decay"],
+                   help="weight decay (decoupled with adamw, L2 with sgd and adam)")
+    t.add_argument("--label-smoothing", type=float, default=RECIPE["label_smoothing"],
                    help="share of each target's probability spread over the whole vocabulary")
-    t.add_argument("--weight-drop", type=float, default=0.0,
+    t.add_argument("--weight-drop", type=float, default=RECIPE["weight_drop"],
                    help="DropConnect on the recurrent weights W_hh while training")
-    t.add_argument("--tie-weights", action="store_true",
-                   help="the output layer reuses the embedding matrix (needs --embed-size == --hidden-size)")
-    t.add_argument("--schedule", default="constant", choices=["constant", "cosine"],
+    t.add_argument("--tie-weights", action=argparse.BooleanOptionalAction, default=RECIPE["tie_weights"],
+                   help="the output layer reuses the embedding matrix (needs --embed-size equal to --hidden-size; "
+                        "default: tie when they are equal)")
+    t.add_argument("--schedule", default=RECIPE["schedule"], choices=["constant", "cosine"],
                    help="learning rate: constant, or cosine decay to zero over --epochs")
-    t.add_argument("--patience", type=int, default=0,
+    t.add_argument("--patience", type=non_negative_int, default=RECIPE["patience"],
                    help="stop after this many evaluations without a better validation perplexity (0: never)")
     t.add_argument("--init-std", type=float, default=0.0,
                    help="0: torch's default initialisation; S > 0: weights from N(0, S) and zero biases "
@@ -192,6 +198,10 @@ def open_model(args):
 
 def cmd_train(args) -> int:
     options = {k: v for k, v in vars(args).items() if k not in ("command", "no_progress", "argv")}
+    if options["embed_size"] is None:
+        options["embed_size"] = options["hidden_size"]
+    if options["tie_weights"] is None:
+        options["tie_weights"] = options["embed_size"] == options["hidden_size"]
     cfg = TrainConfig(**options, progress=not args.no_progress, command="lyrics " + shlex.join(args.argv))
     with distributed.process_group(cfg.device):  # only under torchrun
         result = train(cfg)

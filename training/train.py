@@ -38,12 +38,21 @@ from training import distributed
 from training.batches import data_iter_consecutive, data_iter_random, num_batches
 from training.corpus import Corpus, CorpusError, load_corpus
 
-DEFAULT_LR = {"sgd": 100.0, "adam": 1e-3, "adamw": 1e-3}  # sgd: the tutorial's 1e2 for its scratch RNN
+DEFAULT_LR = {"sgd": 100.0, "adam": 1e-3, "adamw": 3e-3}  # sgd: the tutorial's 1e2 for its scratch RNN
 # options a resumed run must share with the run it continues, or it would not be the same run
 RESUME_FIXED = ("cell", "hidden_size", "num_layers", "embed_size", "dropout", "num_steps", "batch_size", "lr",
                 "optimizer", "clip", "weight_decay", "init_std", "label_smoothing", "weight_drop", "tie_weights",
                 "schedule", "precision", "sampling", "val_frac", "newlines",
                 "max_chars", "seed")
+
+
+# The defaults of `lyrics train`: the regularised recipe of docs/quality.md, which holds out-of-sample
+# perplexity far better than the tutorial's settings (those overfit after two epochs on this corpus).
+# TrainConfig's own field defaults stay the plain model, for code that builds one field by field.
+RECIPE = {"embed_size": None, "tie_weights": None, "dropout": 0.5, "weight_drop": 0.5, "label_smoothing": 0.1,
+          "optimizer": "adamw", "weight_decay": 0.01, "schedule": "cosine", "num_steps": 70,
+          "epochs": 30, "patience": 5}
+# embed_size None: the hidden size; tie_weights None: tie when the embedding is as wide as the hidden layer
 
 
 @dataclass

@@ -18,7 +18,7 @@ from training.cli import main as cli_main
 pytestmark = pytest.mark.anyio
 
 FIELDS = {"name", "default", "cell", "hidden_size", "num_layers", "embed_size", "vocab_size", "parameters",
-          "newlines", "impl", "device", "dtype", "train_perplexity", "val_perplexity", "training"}
+          "newlines", "impl", "device", "dtype", "train_perplexity", "val_perplexity", "training", "mixture"}
 
 
 async def test_models_lists_every_loaded_model_with_its_metadata(client, checkpoints):

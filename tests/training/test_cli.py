@@ -79,7 +79,7 @@ def test_train_with_an_empty_corpus_exits_2(capsys, tmp_path):
 
 def test_train_fused_with_one_hot_input_exits_2(capsys, tmp_path, corpus_file):
     code, _, err = run_cli(capsys, "train", "--corpus", str(corpus_file), "--cell", "gru", "--impl", "fused",
-                           "--out", str(tmp_path / "m.safetensors"), *TINY)
+                           "--embed-size", "0", "--out", str(tmp_path / "m.safetensors"), *TINY)
     assert code == 2 and "embed" in err
 
 

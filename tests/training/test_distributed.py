@@ -28,6 +28,9 @@ from training.train import paths_for
 LYRIC = ("分开的夜里 我唱着歌\n不分开的风 吹过山坡\nla la love you baby\n"
          "我想就这样牵着你的手不放开\n爱可不可以简简单单没有伤害\n")
 EPOCHS = 4
+# the plain model, not the CLI's regularised defaults: one-hot input, no dropout, a constant rate, no early stop
+PLAIN = ["--embed-size", "0", "--dropout", "0", "--weight-drop", "0", "--label-smoothing", "0", "--optimizer", "adam",
+         "--weight-decay", "0", "--schedule", "constant", "--patience", "0"]
 
 
 def train_command(corpus: Path, out: Path, epochs: int, processes: int = 1, resume: bool = False) -> list[str]:
@@ -35,7 +38,7 @@ def train_command(corpus: Path, out: Path, epochs: int, processes: int = 1, resu
     command = (launcher if processes > 1 else [sys.executable]) + [
         "-m", "training.cli", "train", "--corpus", str(corpus), "--cell", "rnn", "--out", str(out),
         "--hidden-size", "16", "--batch-size", "8", "--num-steps", "8", "--epochs", str(epochs), "--lr", "0.01",
-        "--seed", "0", "--no-progress", "--sample-every", "2", "--device", "cpu"]
+        "--seed", "0", "--no-progress", "--sample-every", "2", "--device", "cpu", *PLAIN]
     return command + ["--resume"] if resume else command
 
 
