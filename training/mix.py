@@ -110,7 +110,8 @@ def mix(cfg: MixConfig, log=None) -> dict:
     report = {"command": cfg.command, "recurrent_model": str(final.path), "tuning_model": str(tuner.path),
               "tuning_chars": len(tune_corpus.val_ids), "tuning_perplexity": tuned,
               "ngram_order": cfg.order if cfg.ngram else None,
-              "recurrent_training_command": final.training.get("command")}
+              "recurrent_training_command": final.training.get("command"),
+              "tuning_training_command": tuner.training.get("command")}
     if corpus.val_ids:
         val_ids = corpus.train_ids[-1:] + corpus.val_ids
         val_probs, val_buckets = target_probs(model, val_ids)

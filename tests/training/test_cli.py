@@ -349,3 +349,15 @@ def test_generate_with_impossible_constraints_exits_2(capsys, model_dir):
     code, out, err = run_cli(capsys, "generate", "--dir", str(model_dir), "--model", "rnn", "--prefix", "我",
                              "--max-chars", "10", "--lines", "3", "--line-lengths", "7")
     assert code == 2 and out == "" and "max_chars is 10" in err
+
+
+def test_generate_into_a_pipe_closed_early_ends_without_a_traceback(model_dir):
+    """`lyrics generate ... | head -1`: the reader leaves long before 64 continuations (~100 kB) are written."""
+    process = subprocess.Popen([sys.executable, "-m", "training.cli", "generate", "--dir", str(model_dir), "--model",
+                                "rnn", "--prefix", "分开", "--max-chars", "500", "-n", "64", "--temperature", "1"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process.stdout.read(10)
+    process.stdout.close()
+    err = process.stderr.read().decode()
+    assert process.wait(timeout=60) == 141
+    assert "Traceback" not in err
