@@ -186,7 +186,8 @@ def plot(results: dict, path: Path) -> None:
             ax.plot([h["epoch"] for h in curve], [h["val_perplexity"] for h in curve], color=style,
                     label=f"{name} validation")
         ax.axhline(min(r["ngram"].values()), color="gray", linestyle="--", label="Kneser-Ney (best order)")
-        ax.axhline(r["mixture"]["val"], color="tab:green", linestyle="--", label="served mixture")
+        ax.axhline(r["cache"]["val"], color="tab:olive", linestyle="--", label="LSTM + cache")
+        ax.axhline(r["mixture"]["val"], color="tab:green", linestyle="--", label="LSTM + n-gram + cache")
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("epoch")
