@@ -42,6 +42,9 @@ class ContinueFields(StrictBody):
                                                           "whose probability reaches top_p (1: no limit)")
     repetition_penalty: float = Field(1.0, gt=0.0, le=100.0, description="> 1 makes characters already in the "
                                                                           "text less likely (1: off)")
+    no_repeat_ngram: int = Field(0, ge=0, le=1000, examples=[4], description=(
+        "n >= 2: never generate an n-character sequence that is already in the prefix or the generated text "
+        "(so a line cannot loop); 0: off. A structure constraint that allows only such characters wins"))
     stop: list[str] = Field([], max_length=1000, examples=[["\n"]], description=(
         "stop as soon as one of these strings is generated; it is not included in the text "
         "(at most LYRICS_MAX_STOP strings of LYRICS_MAX_STOP_CHARS characters)"))
@@ -49,6 +52,14 @@ class ContinueFields(StrictBody):
         "seed for sampled text (temperature > 0): the same seed gives the same text (on /generate choice i "
         "uses seed + i). Omitted: a random seed, returned in the answer"))
     unknown: Unknown = Field("error", description=UNKNOWN_HELP)
+
+    @field_validator("no_repeat_ngram")
+    @classmethod
+    def ngram_of_two_or_more(cls, n: int) -> int:
+        if n == 1:
+            raise PydanticCustomError("no_repeat_ngram", "no_repeat_ngram must be 0 (off) or at least 2: with 1 "
+                                                         "no character could ever appear twice")
+        return n
 
     @field_validator("stop")
     @classmethod

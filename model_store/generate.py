@@ -28,6 +28,7 @@ class SamplingParams:
     top_k: int = 0  # 0: no limit
     top_p: float = 1.0  # nucleus: smallest set of characters whose probability reaches top_p
     repetition_penalty: float = 1.0  # > 1 discourages characters already in the text
+    no_repeat_ngram: int = 0  # n >= 2: never complete an n-character sequence already in the text; 0: off
 
     def __post_init__(self):
         if not 0.0 <= self.temperature <= 100.0:
@@ -38,6 +39,8 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], not {self.top_p!r}")
         if not 0.0 < self.repetition_penalty <= 100.0:
             raise ValueError(f"repetition_penalty must be in (0, 100], not {self.repetition_penalty!r}")
+        if self.no_repeat_ngram == 1 or not 0 <= self.no_repeat_ngram <= 1000:
+            raise ValueError(f"no_repeat_ngram must be 0 (off) or in [2, 1000], not {self.no_repeat_ngram!r}")
 
 
 @dataclass
@@ -149,8 +152,10 @@ class Row:
     row of a `Batch`; `snapshot` is a copy of it taken when the row finishes, if `keep_state`."""
 
     def __init__(self, params: SamplingParams, seed: int | None, stop: Sequence[str], max_chars: int,
-                 index: int = 0, owner=None, tracker: Tracker | None = None, keep_state: bool = False):
+                 index: int = 0, owner=None, tracker: Tracker | None = None, keep_state: bool = False,
+                 read: Sequence[int] = ()):
         self.params, self.seed, self.stop, self.max_chars = params, seed, stop, max_chars
+        self.ngrams = NgramBlocker(params.no_repeat_ngram, read) if params.no_repeat_ngram else None
         self.generator = row_generator(seed) if seed is not None else None
         self.index, self.owner = index, owner  # which choice of which request
         self.tracker, self.keep_state = tracker, keep_state
@@ -163,6 +168,8 @@ class Row:
         self.text += char
         if self.tracker is not None:
             self.tracker.push(index)
+        if self.ngrams is not None:
+            self.ngrams.push(index)
         if any(self.text.endswith(s) for s in self.stop):
             self.finish = "stop"
             self.text = strip_stop(self.text, self.stop)
@@ -177,6 +184,38 @@ class Row:
     def completion(self, prefix: str) -> Completion:
         met = self.tracker.plan.met(self.text) if self.tracker is not None else None
         return Completion(prefix + self.text, self.text, self.finish or "length", self.seed, met, self.snapshot)
+
+
+class NgramBlocker:
+    """`no_repeat_ngram`: the characters that would complete an n-character sequence already in
+    the text (this request's input and output), kept up to date one character at a time."""
+
+    def __init__(self, n: int, ids: Sequence[int]):
+        self.n, self.ids, self.followers = n, [], {}
+        for i in ids:
+            self.push(i)
+
+    def push(self, index: int) -> None:
+        self.ids.append(index)
+        if len(self.ids) >= self.n:
+            self.followers.setdefault(tuple(self.ids[-self.n:-1]), set()).add(index)
+
+    def banned(self) -> set[int]:
+        return self.followers.get(tuple(self.ids[len(self.ids) - self.n + 1:]), set())
+
+
+def block_repeats(logits: torch.Tensor, rows: Sequence[Row]) -> torch.Tensor:
+    """Rule out, per row, the characters its `no_repeat_ngram` bans; rows without it are untouched."""
+    banned = [(i, sorted(r.ngrams.banned())) for i, r in enumerate(rows) if r.ngrams is not None]
+    banned = [(i, ids) for i, ids in banned if ids]
+    if not banned:
+        return logits
+    blocked = logits.clone()
+    for i, ids in banned:
+        blocked[i, ids] = float("-inf")
+        if bool(torch.isinf(blocked[i]).all()):  # a constraint allows only banned characters: it wins
+            blocked[i] = logits[i]
+    return blocked
 
 
 def prefill_rows(model: CharLM, generations: Sequence[Generation]) -> tuple[torch.Tensor, State, torch.Tensor]:
@@ -256,7 +295,7 @@ class Batch:
     def step(self) -> list[tuple[Row, str]]:
         """One character for every row: each row with the text it made safe to show."""
         rows = self.rows
-        logits = mask_logits(self.logits, [r.tracker for r in rows])
+        logits = block_repeats(mask_logits(self.logits, [r.tracker for r in rows]), rows)
         chosen = sample_next(logits, [r.params for r in rows], self.seen, [r.generator for r in rows])
         chars = self.vocab.idx_to_char
         produced = [(row, row.push(chars[c], c)) for row, c in zip(rows, chosen.tolist(), strict=True)]
@@ -313,7 +352,7 @@ class Generation:
 
     def rows(self, owner=None) -> list[Row]:
         return [Row(self.params, s, self.stop, self.max_chars, i, owner, self.plan and self.plan.tracker(),
-                    self.keep_state) for i, s in enumerate(self.seeds)]
+                    self.keep_state, self.vocab.encode(self.prefix)) for i, s in enumerate(self.seeds)]
 
     def finish(self, rows: list[Row]) -> None:
         for row in rows:

@@ -137,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=non_negative_int, default=0, help="sample among the k likeliest (0: all)")
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
     g.add_argument("--repetition-penalty", type=float, default=1.0, help=">1 discourages repeated characters")
+    g.add_argument("--no-repeat-ngram", type=non_negative_int, default=0, metavar="N",
+                   help="N >= 2: never generate an N-character sequence already in the prefix or the output (0: off)")
     g.add_argument("--stop", action="append", default=[], help="stop when this string is generated (repeatable)")
     g.add_argument("--seed", type=int, default=None, help="seed for sampling (same seed, same text)")
     g.add_argument("-n", type=positive_int, default=1, help="number of continuations")
@@ -224,7 +226,8 @@ def cmd_mix(args) -> int:
 
 def cmd_generate(args) -> int:
     ck = open_model(args)
-    params = SamplingParams(args.temperature, args.top_k, args.top_p, args.repetition_penalty)
+    params = SamplingParams(args.temperature, args.top_k, args.top_p, args.repetition_penalty,
+                            args.no_repeat_ngram)
     prefix = normalise_newlines(args.prefix, ck.newlines)
     constraints = None
     if args.lines or args.line_lengths or args.rhyme or args.banned or args.required:

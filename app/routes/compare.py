@@ -70,7 +70,8 @@ async def compare(body: CompareRequest, models: ModelsDep, engine: EngineDep, se
         raise invalid(errors)
     entries = prepare(chosen(models, body.models), body)
     seed = secrets.randbits(31) if body.temperature > 0 and body.seed is None else body.seed
-    params = SamplingParams(body.temperature, body.top_k, body.top_p, body.repetition_penalty)
+    params = SamplingParams(body.temperature, body.top_k, body.top_p, body.repetition_penalty,
+                            body.no_repeat_ngram)
     jobs: list[tuple[Job, float]] = []
     try:
         for e in entries:

@@ -79,7 +79,8 @@ async def generate(body: GenerateRequest, models: ModelsDep, engine: EngineDep, 
         raise invalid(errors)
     ck, start = open_state(body, models, codec)
     prefix, skipped, missing = prepare_prefix(ck, body)
-    params = SamplingParams(body.temperature, body.top_k, body.top_p, body.repetition_penalty)
+    params = SamplingParams(body.temperature, body.top_k, body.top_p, body.repetition_penalty,
+                            body.no_repeat_ngram)
     constraints = read_constraints(body, settings, max_chars_given)
     try:
         generation = Generation(ck.model, ck.vocab, prefix, body.max_chars, params, body.stop, body.seed, body.n,

@@ -254,3 +254,18 @@ async def test_busy_engine_answers_503_with_retry_after(make_client, model_dir, 
             job.stop()
         await job.wait()
         assert (await post(client, prefix="分开")).status_code == 200
+
+
+async def test_no_repeat_ngram_matches_model_store_and_never_repeats_an_ngram(client, checkpoints):
+    ck = checkpoints["gru"]
+    body = (await post(client, prefix="分开", max_chars=120, no_repeat_ngram=3)).json()
+    assert body["text"] == generate(ck.model, ck.vocab, "分开", 120, SamplingParams(no_repeat_ngram=3))[0].text
+    grams = [body["text"][i:i + 3] for i in range(len(body["text"]) - 2)]
+    assert len(grams) == len(set(grams))
+    looping = (await post(client, prefix="分开", max_chars=120)).json()["text"]
+    assert len({looping[i:i + 3] for i in range(len(looping) - 2)}) < len(looping) - 2
+
+
+@pytest.mark.parametrize("n", [1, -1, 1001])
+async def test_no_repeat_ngram_out_of_range_is_422(client, n):
+    assert_error(await post(client, prefix="分开", no_repeat_ngram=n), 422)

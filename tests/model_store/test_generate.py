@@ -392,3 +392,65 @@ def test_sampling_from_a_sorted_head_equals_sampling_from_the_whole_sorted_vocab
     monkeypatch.setattr(g, "sorted_head", lambda probs, top_k, top_p: probs.sort(dim=1, descending=True))
     whole = [sample_next(logits, params, None, [row_generator(i) for i in range(16)]) for _ in range(3)]
     assert all(torch.equal(a, b) for a, b in zip(fast, whole, strict=True))
+
+
+# no_repeat_ngram ----------------------------------------------------------------------------
+
+def ngrams(text: str, n: int) -> list[str]:
+    return [text[i:i + n] for i in range(len(text) - n + 1)]
+
+
+@pytest.mark.parametrize("n", [2, 3, 5])
+@pytest.mark.parametrize("params", [SamplingParams(), SamplingParams(temperature=1.0)])
+def test_no_repeat_ngram_never_repeats_an_ngram_of_the_prefix_or_the_output(trained, n, params):
+    """The trained model's greedy text is the lyric again and again; with the option, no n characters
+    in a row occur twice in prefix + output."""
+    prefix = "分开的夜里"
+    loops = generate(trained.model, trained.vocab, prefix, 150, params, seed=3)[0].text
+    assert max(Counter(ngrams(loops, n)).values()) > 1
+    text = generate(trained.model, trained.vocab, prefix, 150, SamplingParams(params.temperature, no_repeat_ngram=n),
+                    seed=3)[0].text
+    assert len(text) == len(prefix) + 150
+    assert max(Counter(ngrams(text, n)).values()) == 1
+
+
+def test_no_repeat_ngram_on_a_row_leaves_its_batch_mates_alone(trained):
+    rows = [(SamplingParams(no_repeat_ngram=3), None), (SamplingParams(), None),
+            (SamplingParams(temperature=0.9, no_repeat_ngram=4), 11), (SamplingParams(temperature=0.9), 11)]
+    alone = [generate(trained.model, trained.vocab, "不分开", 40, p, seed=s)[0].text for p, s in rows]
+    together = []
+    for p, s in rows:
+        together.append(Generation(trained.model, trained.vocab, "不分开", 40, p, seed=s))
+    from model_store.generate import Batch, prefill_rows
+    batch, all_rows = Batch(trained.model, trained.vocab), []
+    with torch.no_grad():
+        for g in together:
+            rows_of_g = g.rows()
+            all_rows.append(rows_of_g)
+            batch.add(rows_of_g, *prefill_rows(trained.model, [g]))
+        while batch.rows:
+            batch.step()
+    assert ["不分开" + r[0].text for r in all_rows] == alone
+
+
+def test_a_structure_constraint_wins_over_no_repeat_ngram(trained):
+    from model_store.constraints import Constraints
+    text = generate(trained.model, trained.vocab, "分开", 12, SamplingParams(no_repeat_ngram=2),
+                    constraints=Constraints(lines=4, line_lengths=[2, 2, 2, 2]))[0].generated
+    assert [len(line) for line in text.split("\n")[:4]] == [2, 2, 2, 2]
+
+
+def test_no_repeat_ngram_of_one_is_refused():
+    with pytest.raises(ValueError, match="no_repeat_ngram"):
+        SamplingParams(no_repeat_ngram=1)
+
+
+def test_when_a_constraint_leaves_only_banned_characters_the_ban_steps_aside():
+    from model_store.generate import NgramBlocker, Row, block_repeats
+    row = Row(SamplingParams(no_repeat_ngram=2), None, [], 10, read=[0, 1, 0])  # "aba": after "a", "b" is banned
+    assert row.ngrams.banned() == {1}
+    free = torch.tensor([[1.0, 2.0, 3.0]])
+    assert block_repeats(free, [row]).tolist() == [[1.0, float("-inf"), 3.0]]
+    only_b = torch.tensor([[float("-inf"), 2.0, float("-inf")]])  # a constraint allows "b" alone
+    assert torch.equal(block_repeats(only_b, [row]), only_b)
+    assert NgramBlocker(3, [0, 1, 2, 0, 1]).banned() == {2}
