@@ -34,9 +34,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the project, if not installed
 
 from model_store.checkpoint import load_checkpoint, read_metadata  # noqa: E402
-from model_store.generate import SamplingParams, generate  # noqa: E402
+from model_store.generate import generate  # noqa: E402
 from model_store.mixture import MixtureLM  # noqa: E402
 from model_store.ngram import KneserNey  # noqa: E402
+from model_store.sampling import SamplingParams  # noqa: E402
 from model_store.scoring import score_ids  # noqa: E402
 from training.corpus import load_corpus  # noqa: E402
 from training.mix import fit_weights, target_probs  # noqa: E402

@@ -17,8 +17,9 @@ from pathlib import Path
 
 from model_store.checkpoint import CheckpointError, load_checkpoint
 from model_store.constraints import Constraints
-from model_store.generate import SamplingParams, generate
+from model_store.generate import generate
 from model_store.registry import BUNDLED_DIR, LoadedModels, describe, load_directory, resolve, resolve_device
+from model_store.sampling import SamplingParams
 from model_store.scoring import score_text
 from model_store.surprisal import surprisal_json
 from model_store.vocab import UnknownCharactersError, normalise_newlines

@@ -11,8 +11,9 @@ from api_helpers import assert_error, metric
 
 from app.settings import Settings
 from model_store.checkpoint import save_checkpoint
-from model_store.generate import Generation, SamplingParams, generate
+from model_store.generate import Generation, generate
 from model_store.model import CharLM, ModelConfig
+from model_store.sampling import SamplingParams
 from model_store.scoring import score_text
 from model_store.vocab import Vocabulary
 

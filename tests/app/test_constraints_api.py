@@ -9,7 +9,8 @@ from api_helpers import assert_error, stream_parts
 
 from app.settings import Settings
 from model_store.constraints import Constraints, final_of
-from model_store.generate import SamplingParams, generate
+from model_store.generate import generate
+from model_store.sampling import SamplingParams
 
 pytestmark = pytest.mark.anyio
 

@@ -9,7 +9,8 @@ import anyio
 import pytest
 
 from app.engine import Engine, EngineBusy, EngineTimeout
-from model_store.generate import Generation, SamplingParams, generate
+from model_store.generate import Generation, generate
+from model_store.sampling import SamplingParams
 
 pytestmark = pytest.mark.anyio
 

@@ -6,7 +6,8 @@ import pytest
 from api_helpers import assert_error, stream_parts
 
 from app.settings import Settings
-from model_store.generate import SamplingParams, generate
+from model_store.generate import generate
+from model_store.sampling import SamplingParams
 
 pytestmark = pytest.mark.anyio
 

@@ -93,9 +93,11 @@ async def test_docs_and_openapi_document_every_field_with_defaults(client):
     schema = spec["components"]["schemas"]["GenerateRequest"]
     props = schema["properties"]
     assert set(props) == {"prefix", "model", "max_chars", "temperature", "top_k", "top_p", "repetition_penalty",
-                          "stop", "seed", "n", "stream", "unknown", "return_state", "state", "constraints"}
+                          "no_repeat_ngram", "stop", "seed", "n", "stream", "unknown", "return_state", "state",
+                          "constraints"}
     defaults = {"max_chars": 50, "temperature": 0.0, "top_k": 0, "top_p": 1.0, "repetition_penalty": 1.0,
-                "stop": [], "seed": None, "n": 1, "stream": False, "unknown": "error", "return_state": False}
+                "no_repeat_ngram": 0, "stop": [], "seed": None, "n": 1, "stream": False, "unknown": "error",
+                "return_state": False}
     assert {k: props[k].get("default") for k in defaults} == defaults  # null defaults are left out
     assert all(props[k].get("description") for k in props), "every field is described"
     assert schema["examples"][0] == {"prefix": "分开"}

@@ -24,8 +24,9 @@ from api_helpers import (
     wait_ready,
 )
 
-from model_store.generate import SamplingParams, generate
+from model_store.generate import generate
 from model_store.registry import BUNDLED_DIR, checkpoint_paths
+from model_store.sampling import SamplingParams
 from model_store.scoring import score_text
 
 

@@ -9,9 +9,10 @@ from conftest import CORPUS
 
 from app.settings import Settings
 from model_store.checkpoint import save_checkpoint
-from model_store.generate import SamplingParams, generate
+from model_store.generate import generate
 from model_store.mixture import MixtureConfig, MixtureLM
 from model_store.ngram import KneserNey
+from model_store.sampling import SamplingParams
 from model_store.scoring import score_text
 
 pytestmark = pytest.mark.anyio

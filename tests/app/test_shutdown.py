@@ -22,7 +22,8 @@ from api_helpers import free_port, read_tail, start_server, stream_parts, wait_r
 from conftest import CORPUS
 
 from app.engine import Engine, EngineBusy
-from model_store.generate import Generation, SamplingParams
+from model_store.generate import Generation
+from model_store.sampling import SamplingParams
 from training.train import TrainConfig, train
 
 LYRICS = str(Path(sys.executable).parent / "lyrics")

@@ -14,7 +14,8 @@ from api_helpers import assert_error, stream_parts
 
 import model_store.state
 from app.settings import Settings
-from model_store.generate import SamplingParams, generate
+from model_store.generate import generate
+from model_store.sampling import SamplingParams
 
 pytestmark = pytest.mark.anyio
 

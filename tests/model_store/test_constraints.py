@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from model_store.constraints import ConstraintError, Constraints, Plan, final_of, mask_logits, parse_line_lengths
-from model_store.generate import SamplingParams, generate
+from model_store.generate import generate
 from model_store.model import CharLM, ModelConfig
+from model_store.sampling import SamplingParams
 from model_store.vocab import Vocabulary
 
 SAMPLED = SamplingParams(temperature=1.0)

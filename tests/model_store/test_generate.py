@@ -4,8 +4,9 @@ from collections import Counter
 import pytest
 import torch
 
-from model_store.generate import Generation, SamplingParams, generate, row_generator, sample_next
+from model_store.generate import Generation, generate
 from model_store.model import CharLM, ModelConfig
+from model_store.sampling import SamplingParams, row_generator, sample_next
 from model_store.vocab import UnknownCharactersError, Vocabulary, one_hot
 
 VOCAB12 = Vocabulary("abcdefghijkl")
@@ -383,7 +384,7 @@ def test_each_row_uses_its_own_settings_and_stream():
 
 @pytest.mark.parametrize("scale", [0.5, 3.0, 20.0])
 def test_sampling_from_a_sorted_head_equals_sampling_from_the_whole_sorted_vocabulary(monkeypatch, scale):
-    import model_store.generate as g
+    import model_store.sampling as g
 
     logits = torch.randn(16, 3000, generator=torch.Generator().manual_seed(0)) * scale
     params = [SamplingParams(temperature=t, top_p=p, top_k=k)
@@ -446,7 +447,8 @@ def test_no_repeat_ngram_of_one_is_refused():
 
 
 def test_when_a_constraint_leaves_only_banned_characters_the_ban_steps_aside():
-    from model_store.generate import NgramBlocker, Row, block_repeats
+    from model_store.generate import Row
+    from model_store.sampling import NgramBlocker, block_repeats
     row = Row(SamplingParams(no_repeat_ngram=2), None, [], 10, read=[0, 1, 0])  # "aba": after "a", "b" is banned
     assert row.ngrams.banned() == {1}
     free = torch.tensor([[1.0, 2.0, 3.0]])

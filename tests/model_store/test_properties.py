@@ -12,8 +12,9 @@ import torch
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from model_store.generate import SamplingParams, generate
+from model_store.generate import generate
 from model_store.model import CharLM, ModelConfig
+from model_store.sampling import SamplingParams
 from model_store.scoring import score_text
 from model_store.vocab import UnknownCharactersError, Vocabulary
 

@@ -8,9 +8,10 @@ import base64
 import pytest
 import torch
 
-from model_store.generate import SamplingParams, generate
+from model_store.generate import generate
 from model_store.mixture import MixtureConfig, MixtureLM
 from model_store.ngram import KneserNey
+from model_store.sampling import SamplingParams
 from model_store.state import StateCodec, StateError, model_identity
 from model_store.vocab import Vocabulary
 

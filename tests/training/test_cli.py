@@ -12,7 +12,8 @@ import pytest
 
 from model_store.checkpoint import read_metadata, save_checkpoint
 from model_store.constraints import Constraints
-from model_store.generate import SamplingParams, generate
+from model_store.generate import generate
+from model_store.sampling import SamplingParams
 from model_store.scoring import score_text
 from training.cli import build_parser, main
 
