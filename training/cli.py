@@ -293,7 +293,8 @@ def cmd_models(args) -> int:
     for i in infos:
         val = f"{i['val_perplexity']:.2f}" if i["val_perplexity"] else "n/a"
         mark = " (default)" if i["default"] else ""
-        print(f"{i['name']}{mark}: {i['cell']} {i['num_layers']}x{i['hidden_size']}, vocab {i['vocab_size']}, "
+        parts = " + ".join(["", *i["mixture"]["components"][1:]]) if i["mixture"] else ""  # " + ngram + cache"
+        print(f"{i['name']}{mark}: {i['cell']} {i['num_layers']}x{i['hidden_size']}{parts}, vocab {i['vocab_size']}, "
               f"{i['parameters']:,} parameters, validation perplexity {val}")
     for name, reason in loaded.skipped.items():
         print(f"skipped {name}: {reason}", file=sys.stderr)

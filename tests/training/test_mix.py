@@ -75,3 +75,15 @@ def test_without_the_ngram_the_mixture_is_the_recurrent_model_and_the_cache(mode
     assert ck.model.ngram is None and all(w[1] == 0 for w in ck.model.mixture.weights)
     assert not any(name.startswith("ngram.") for name in safe_open(out, "pt").keys())
     assert set(read_metadata(out)["training"]["mixture"]["val_perplexity_alone"]) == {"rnn", "cache"}
+
+
+def test_models_names_a_mixtures_components(models, session_corpus_file, capsys):
+    out = models / "listed.safetensors"
+    assert main(["mix", "--corpus", str(session_corpus_file), "--model", str(models / "final.safetensors"),
+                 "--tune-model", str(models / "tune.safetensors"), "--out", str(out), "--order", "3",
+                 "--cache-order", "2", "--cache-window", "64"]) == 0
+    capsys.readouterr()
+    assert main(["models", "--dir", str(models)]) == 0
+    lines = {line.split(":")[0].removesuffix(" (default)"): line for line in capsys.readouterr().out.splitlines()}
+    assert "gru 1x16 + ngram + cache," in lines["listed"]
+    assert "gru 1x16," in lines["final"]
