@@ -17,7 +17,7 @@
 `MixtureLM` looks like a `CharLM` to everything that uses one (scoring, generation, the
 batching engine): `forward(inputs, state)` returns log-probabilities as logits and a state
 whose tensors all have the batch on dim 1: the recurrent state, then the history window
-(1, batch, window) of character ids, -1 where empty. Sampling with a temperature T from
+(1, batch, window) of int32 character ids, -1 where empty. Sampling with a temperature T from
 log-probabilities draws from p^(1/T), as it does from a plain model's logits.
 """
 
@@ -72,7 +72,7 @@ class HistoryCache:
         # match[:, k, j]: position j ends the same k characters as the window does, and has a follower
         match = torch.cat([(follower >= 0)[:, None], same], dim=1).to(torch.uint8).cumprod(dim=1)
         counts = torch.zeros(batch, order + 1, self.vocab_size, device=history.device).scatter_add_(
-            2, follower.clamp(min=0)[:, None].expand(-1, order + 1, -1), match.float())
+            2, follower.clamp(min=0).long()[:, None].expand(-1, order + 1, -1), match.float())
         totals = counts.sum(2)
         types = (counts > 0).sum(2).float()
         seen = totals > 0  # (batch, order + 1): the context of length k occurred before
@@ -116,7 +116,8 @@ class MixtureLM(nn.Module):
     def init_state(self, batch_size: int, device=None) -> tuple[torch.Tensor, ...]:
         device = device or self.dense.weight.device
         rnn_state = self.rnn.init_state(batch_size, device)
-        history = torch.full((1, batch_size, self.mixture.cache_window), -1, dtype=torch.long, device=device)
+        # int32: half the memory and state-handle size of int64, and room for any vocabulary
+        history = torch.full((1, batch_size, self.mixture.cache_window), -1, dtype=torch.int32, device=device)
         return (*self.split(rnn_state), history)
 
     @staticmethod
@@ -142,7 +143,7 @@ class MixtureLM(nn.Module):
         cache, buckets = [], []
         context = self.ngram.order - 1 if self.ngram else 0
         for t in range(steps):
-            history = torch.cat([history[:, 1:], inputs[:, t:t + 1]], dim=1)
+            history = torch.cat([history[:, 1:], inputs[:, t:t + 1].to(history.dtype)], dim=1)
             p, b = self.cache(history)
             cache.append(p)
             buckets.append(b)

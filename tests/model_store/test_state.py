@@ -144,7 +144,7 @@ def test_a_handle_holds_no_pickle(sealed):
 
 @pytest.mark.parametrize("cell", ["gru", "lstm"])
 def test_a_mixture_models_handle_carries_its_cache_history(make_model, cell):
-    """A mixture's state is the recurrent state plus the recent characters (int64) its cache reads."""
+    """A mixture's state is the recurrent state plus the recent characters (int32) its cache reads."""
     rnn = make_model(cell, vocab_size=len(VOCAB), hidden_size=8, embed_size=4, seed=3)
     ngram = KneserNey.fit(VOCAB.encode("abc def\nabc deg\nhij abc\n" * 3), 3, len(VOCAB))
     weights = tuple((0.4, 0.4, 0.2) for _ in range(5))
@@ -153,6 +153,6 @@ def test_a_mixture_models_handle_carries_its_cache_history(make_model, cell):
     [first] = generate(model, VOCAB, "abc d", 9, params, seed=2, keep_state=True)
     handle = CODEC.encode(first.state, model_identity("mix", model, VOCAB))
     restored = CODEC.open(handle).snapshot("mix", model, VOCAB)
-    assert restored.state[-1].dtype == torch.int64
+    assert restored.state[-1].dtype == torch.int32
     [then] = generate(model, VOCAB, "ab", 12, params, seed=5, start=restored)
     assert then.generated == generate(model, VOCAB, first.text + "ab", 12, params, seed=5)[0].generated
