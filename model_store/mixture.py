@@ -65,16 +65,20 @@ class HistoryCache:
         """(p_cache (batch, vocab), bucket (batch,)) for the character after each window."""
         batch, window, order = *history.shape, self.order
         follower = history[:, 1:]  # position j of the window was followed by follower[j]
-        # earlier[:, i, j]: the character i places before position j (-2 off the left edge)
-        earlier = F.pad(history[:, :-1], (order, 0), value=-2).unfold(1, window - 1, 1).flip(1)[:, :order]
-        current = history[:, window - order:].flip(1)  # current[:, i]: the character i places before the next
-        same = (earlier == current[:, :, None]) & (current[:, :, None] >= 0)
-        # match[:, k, j]: position j ends the same k characters as the window does, and has a follower
-        match = torch.cat([(follower >= 0)[:, None], same], dim=1).to(torch.uint8).cumprod(dim=1)
+        # windows[:, o, j]: the character (order - o) places before position j (-2 off the left edge)
+        windows = F.pad(history[:, :-1], (order, 0), value=-2).unfold(1, window - 1, 1)
+        match = follower >= 0  # position j has a follower
+        matches = [match]
+        for i in range(order):  # extend every match by one more character of context
+            current = history[:, window - 1 - i, None]  # the character i places before the next
+            match = match & (windows[:, order - i] == current) & (current >= 0)
+            matches.append(match)
+        # matches[k][:, j]: position j ends the same k characters as the window does, and has a follower
+        weights = torch.stack(matches, dim=1).float()
         counts = torch.zeros(batch, order + 1, self.vocab_size, device=history.device).scatter_add_(
-            2, follower.clamp(min=0).long()[:, None].expand(-1, order + 1, -1), match.float())
-        totals = counts.sum(2)
-        types = (counts > 0).sum(2).float()
+            2, follower.clamp(min=0).long()[:, None].expand(-1, order + 1, -1), weights)
+        totals = weights.sum(2)
+        types = torch.count_nonzero(counts, dim=2).float()
         seen = totals > 0  # (batch, order + 1): the context of length k occurred before
         # Witten-Bell from the text's unigram (k = 0) up: p_k = (counts_k + types_k p_(k-1)) / (totals_k + types_k),
         # p_k = p_(k-1) where context k was never seen, p_(-1) uniform. Unrolled: p = sum_k coef_k counts_k + rest / V
