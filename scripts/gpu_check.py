@@ -33,10 +33,10 @@ from model_store.generate import generate  # noqa: E402
 from model_store.registry import BUNDLED_DIR, load_directory  # noqa: E402
 from training.train import TrainConfig, train  # noqa: E402
 
-TEXT = "窗外的麻雀 在电线杆上多嘴\n你说这一句 很有夏天的感觉\n手中的铅笔 在纸上来来回回\n" * 40
+TEXT = "窗外的燕子 在屋檐下唱歌\n你说这一句 像雨后的街道\n手中的铅笔 画着远方的船\n" * 40
 
 APP_PREFIXES = ["窗外", "你说这一句", "手中的铅笔\n"]
-APP_TEXTS = [TEXT[:200], "在电线杆上多嘴", "很有夏天的感觉\n手中的铅笔"]
+APP_TEXTS = [TEXT[:200], "在屋檐下唱歌", "像雨后的街道\n手中的铅笔"]
 
 
 async def post(client: httpx.AsyncClient, path: str, body: dict) -> dict:

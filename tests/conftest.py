@@ -25,10 +25,10 @@ LYRIC = (
     "分开的夜里 我唱着歌\n"
     "不分开的风 吹过山坡\n"
     "la la love you baby\n"
-    "我想就这样牵着你的手不放开\n"
-    "爱可不可以简简单单没有伤害\n"
+    "我想就这样陪你走到海边\n"
+    "爱可不可以像星星一样明亮\n"
 )
-CORPUS_TEXT = LYRIC * 12  # 840 characters, 42 distinct
+CORPUS_TEXT = LYRIC * 12  # 804 characters, 43 distinct
 
 
 @pytest.fixture(scope="session")

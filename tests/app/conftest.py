@@ -15,8 +15,8 @@ from model_store.checkpoint import Checkpoint
 from model_store.registry import load_directory
 from training.train import TrainConfig, train
 
-CORPUS = ("分开的爱 我不要\n你说这一句 很有夏天的感觉\n手中的铅笔 在纸上来来回回\n"
-          "我用几行字形容你是我的谁\n窗外的麻雀 在电线杆上多嘴\n") * 24
+CORPUS = ("分开的爱 我不要\n你说这一句 像雨后的街道\n手中的铅笔 画着远方的船\n"
+          "我用几行字写下风的方向\n窗外的燕子 在屋檐下唱歌\n") * 24
 
 
 @pytest.fixture(scope="session")

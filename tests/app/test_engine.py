@@ -154,7 +154,7 @@ async def test_a_scheduler_fault_fails_the_running_requests_and_the_engine_keeps
 
 # Mixed requests for the batching tests: models, prefix lengths (some equal, so prefilled
 # together), lengths, n, greedy and seeded sampling with every sampler setting, stop strings.
-PREFIXES = ["分开", "你说", "我", "手中的铅笔", "窗外的麻雀 在", "分开的爱 我不要\n"]
+PREFIXES = ["分开", "你说", "我", "手中的铅笔", "窗外的燕子 在", "分开的爱 我不要\n"]
 SAMPLERS = [SamplingParams(), SamplingParams(temperature=0.8, top_p=0.9), SamplingParams(temperature=1.0, top_k=5),
             SamplingParams(temperature=0.7, repetition_penalty=1.3), SamplingParams(repetition_penalty=1.5)]
 
@@ -192,7 +192,9 @@ async def test_concurrent_mixed_requests_each_get_what_they_would_get_alone(chec
         streamed[i] = {}
         async for delta in job:
             streamed[i][delta.index] = streamed[i].get(delta.index, "") + delta.text
-            peak = max(peak, engine.in_flight)
+            # each model's batch: a job whose other rows finished stays in flight, so in_flight may pass
+            # max_batch for a moment while the batches themselves never do
+            peak = max([peak, *(len(s.batch.rows) for s in list(engine.schedulers.values()))])
         completions[i] = job.generation.completions
 
     try:
@@ -204,7 +206,7 @@ async def test_concurrent_mixed_requests_each_get_what_they_would_get_alone(chec
             assert completions[i] == expected, f"request {i} differs from the same request alone"
             if i % 2 == 0:
                 assert streamed[i] == {j: c.generated for j, c in enumerate(expected) if c.generated}
-        assert 1 < peak <= 2 * 12  # two models: two batches of at most 12
+        assert 1 < peak <= 12  # no batch holds more than max_batch rows
         assert engine.in_flight == 0 and engine.queued == 0 and engine.pending == 0 and not engine.jobs
         assert all(not s.batch.rows and not s.active for s in engine.schedulers.values())
         assert engine.finished["completed"] == len(requests)

@@ -48,7 +48,7 @@ async def test_models_lists_the_mixture_as_default_with_its_components(mix_clien
 async def test_perplexity_of_the_mixture_equals_model_stores(mix_client, mixture_dir):
     from model_store.checkpoint import load_checkpoint
     ck = load_checkpoint(mixture_dir / "mix.safetensors")
-    text = "手中的铅笔 在纸上来来回回\n手中的铅笔 在纸上来来回回\n"
+    text = "手中的铅笔 画着远方的船\n手中的铅笔 画着远方的船\n"
     body = (await mix_client.post("/perplexity", json={"text": text, "model": "mix"})).json()
     assert body["perplexity"] == pytest.approx(score_text(ck.model, ck.vocab, text).perplexity, rel=1e-5)
     plain = (await mix_client.post("/perplexity", json={"text": text, "model": "gru"})).json()

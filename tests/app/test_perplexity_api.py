@@ -52,8 +52,8 @@ async def test_a_list_is_scored_text_by_text_and_in_total(client, checkpoints):
 
 
 async def test_a_trained_model_prefers_its_lyrics_to_shuffled_ones(client):
-    lyric = (await post(client, text="你说这一句 很有夏天的感觉")).json()["perplexity"]
-    shuffled = (await post(client, text="觉感句的一天 有这很说夏你")).json()["perplexity"]
+    lyric = (await post(client, text="你说这一句 像雨后的街道")).json()["perplexity"]
+    shuffled = (await post(client, text="道街的后雨像 句一这说你")).json()["perplexity"]
     assert lyric < shuffled
 
 

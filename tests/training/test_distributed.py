@@ -26,7 +26,7 @@ from training.batches import data_iter_consecutive, data_iter_random
 from training.train import paths_for
 
 LYRIC = ("分开的夜里 我唱着歌\n不分开的风 吹过山坡\nla la love you baby\n"
-         "我想就这样牵着你的手不放开\n爱可不可以简简单单没有伤害\n")
+         "我想就这样陪你走到海边\n爱可不可以像星星一样明亮\n")
 EPOCHS = 4
 # the plain model, not the CLI's regularised defaults: one-hot input, no dropout, a constant rate, no early stop
 PLAIN = ["--embed-size", "0", "--dropout", "0", "--weight-drop", "0", "--label-smoothing", "0", "--optimizer", "adam",
