@@ -131,11 +131,12 @@ class MixtureLM(nn.Module):
     def forward(self, inputs: torch.Tensor, state=None) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         probs, state = self.component_probs(inputs, state)
         weights = self.weights[probs.pop("bucket")]  # (batch, steps, 3)
-        mixed = sum(weights[..., i, None] * probs[name] for i, name in enumerate(COMPONENTS))
+        mixed = sum(weights[..., i, None] * probs[name] for i, name in enumerate(COMPONENTS) if name in probs)
         return mixed.clamp(min=1e-30).log(), state
 
     def component_probs(self, inputs: torch.Tensor, state=None) -> tuple[dict[str, torch.Tensor], tuple]:
-        """Each component's next-character distribution at every step, and the cache bucket."""
+        """Each component's next-character distribution at every step ("ngram" only when there is
+        one), and the cache bucket."""
         if state is None:
             state = self.init_state(inputs.shape[0], inputs.device)
         *rnn_state, history = state
@@ -143,7 +144,7 @@ class MixtureLM(nn.Module):
         logits, rnn_state = self.rnn(inputs, rnn_state)
         history = history[0]
         batch, steps = inputs.shape
-        ngram = np.zeros((batch, steps, self.config.vocab_size), dtype=np.float32)
+        ngram = np.empty((batch, steps, self.config.vocab_size), dtype=np.float32) if self.ngram else None
         cache, buckets = [], []
         context = self.ngram.order - 1 if self.ngram else 0
         for t in range(steps):
@@ -156,8 +157,8 @@ class MixtureLM(nn.Module):
             recent = history[:, history.shape[1] - context:].tolist() if context else [[]] * batch
             for row, ids in enumerate(recent):
                 ngram[row, t] = self.ngram.distribution([i for i in ids if i >= 0])
-        probs = {"rnn": F.softmax(logits.float(), dim=-1),
-                 "ngram": torch.from_numpy(ngram).to(inputs.device),
-                 "cache": torch.stack(cache, dim=1),
+        probs = {"rnn": F.softmax(logits.float(), dim=-1), "cache": torch.stack(cache, dim=1),
                  "bucket": torch.stack(buckets, dim=1)}
+        if ngram is not None:
+            probs["ngram"] = torch.from_numpy(ngram).to(inputs.device)
         return probs, (*self.split(rnn_state), history[None])

@@ -66,7 +66,9 @@ def target_probs(model: MixtureLM, ids: list[int]) -> tuple[torch.Tensor, torch.
     """Each component's probability of ids[i + 1] after ids[:i + 1], and the cache bucket there."""
     probs, _ = model.component_probs(torch.tensor([ids[:-1]]))
     targets = torch.tensor(ids[1:])[:, None]
-    table = torch.stack([probs[name][0].gather(1, targets)[:, 0] for name in COMPONENTS], dim=1)
+    # an absent n-gram is probability 0, so EM gives it weight 0
+    table = torch.stack([probs[name][0].gather(1, targets)[:, 0] if name in probs else torch.zeros(len(targets))
+                         for name in COMPONENTS], dim=1)
     return table, probs["bucket"][0]
 
 
