@@ -46,6 +46,9 @@ these docs needs `Authorization: Bearer KEY` (or `X-API-Key: KEY`); without one:
 @asynccontextmanager
 async def lifespan(app: FastAPI):
     settings: Settings = app.state.settings
+    # Only the schedulers' threads get torch's intra-op pool (see Engine): every other thread of the
+    # server, this one and the loader included, runs torch single-threaded.
+    torch.set_num_threads(1)
     try:
         served = await anyio.to_thread.run_sync(load_models, settings)
     except StartupError as e:
@@ -53,14 +56,14 @@ async def lifespan(app: FastAPI):
         raise
     # The model steps run in the engine's batch threads and use torch's intra-op pool; the event
     # loop only parses requests and forwards deltas, so torch gets every core by default.
-    torch.set_num_threads(settings.torch_threads or usable_cores())
-    engine = Engine(settings.max_batch, settings.max_queue, settings.request_timeout_s, settings.workers)
+    engine = Engine(settings.max_batch, settings.max_queue, settings.request_timeout_s, settings.workers,
+                    threads=settings.torch_threads or usable_cores())
     engine.start()
     app.state.models, app.state.engine = served, engine
     app.state.metrics.watch(engine, len(served.models))
     ENGINES.add(engine)
     log.info("ready: %d model(s) on %s, default %s, %d torch thread(s), batches of up to %d",
-             len(served.models), served.device, served.default, torch.get_num_threads(), settings.max_batch)
+             len(served.models), served.device, served.default, engine.threads, settings.max_batch)
     try:
         yield
     finally:

@@ -8,6 +8,8 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from app.errors import ApiError
 from app.settings import Settings
 from model_store.checkpoint import Checkpoint, CheckpointError, load_checkpoint
@@ -98,6 +100,7 @@ def rescan(settings: Settings, current: ServedModels) -> tuple[ServedModels, dic
     """A new set from LYRICS_MODEL_DIR, reusing the loaded Checkpoint of every unchanged file, and a report.
     A file that changed but no longer loads keeps its previous version in service. Raises ReloadError,
     changing nothing, when the new set would be empty."""
+    torch.set_num_threads(1)  # only the engine's scheduler threads get torch's intra-op pool (app/engine.py)
     directory = settings.model_dir
     models, stamps, loaded, unchanged, skipped = {}, {}, [], [], {}
     for path in checkpoint_paths(directory):

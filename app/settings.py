@@ -49,7 +49,8 @@ class Settings(BaseSettings):
                                                            "take to finish before they are cancelled; new ones get "
                                                            "503 or a refused connection meanwhile")
     workers: int = Field(2, ge=1, description="threads for /perplexity scoring (generation runs in the batch threads)")
-    torch_threads: int = Field(0, ge=0, description="torch intra-op threads, set at start-up (0: one per CPU core)")
+    torch_threads: int = Field(0, ge=0, description="torch intra-op threads of each model's scheduler thread "
+                                                    "(0: one per usable core)")
 
     @field_validator("log_level", mode="before")
     @classmethod
