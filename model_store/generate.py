@@ -15,7 +15,7 @@ import torch
 
 from model_store.constraints import Constraints, Plan, Tracker, mask_logits
 from model_store.model import CharLM, State
-from model_store.sampling import NgramBlocker, SamplingParams, block_repeats, row_generator, sample_next
+from model_store.sampling import NgramBlocker, SamplingParams, Uniforms, block_repeats, sample_next
 from model_store.state import Snapshot
 from model_store.vocab import Vocabulary
 
@@ -75,7 +75,7 @@ class Row:
                  read: Sequence[int] = ()):
         self.params, self.seed, self.stop, self.max_chars = params, seed, stop, max_chars
         self.ngrams = NgramBlocker(params.no_repeat_ngram, read) if params.no_repeat_ngram else None
-        self.generator = row_generator(seed) if seed is not None else None
+        self.uniforms = Uniforms(seed) if seed is not None else None
         self.index, self.owner = index, owner  # which choice of which request
         self.tracker, self.keep_state = tracker, keep_state
         self.snapshot: Snapshot | None = None
@@ -142,9 +142,9 @@ class Batch:
     """Continuations of any number of requests, stepped together: one model call per step.
 
     Row i of `logits` (next-character scores), of the state (dim 1) and of `seen` belongs to
-    `rows[i]`. `step` samples every row with its own settings and generator, then retires the
-    finished rows at once and advances the rest. Sampling draws one uniform per row from that
-    row's generator, so a row's text does not depend on its batch-mates. Call it under
+    `rows[i]`. `step` samples every row with its own settings and random stream, then retires the
+    finished rows at once and advances the rest. A row draws only from its own stream, so its
+    text does not depend on its batch-mates. Call it under
     `torch.no_grad()` (or inference mode).
     """
 
@@ -183,7 +183,7 @@ class Batch:
         """One character for every row: each row with the text it made safe to show."""
         rows = self.rows
         logits = block_repeats(mask_logits(self.logits, [r.tracker for r in rows]), rows)
-        chosen = sample_next(logits, [r.params for r in rows], self.seen, [r.generator for r in rows])
+        chosen = sample_next(logits, [r.params for r in rows], self.seen, [r.uniforms for r in rows])
         chars = self.vocab.idx_to_char
         produced = [(row, row.push(chars[c], c)) for row, c in zip(rows, chosen.tolist(), strict=True)]
         self.seen[torch.arange(len(rows), device=chosen.device), chosen] = True

@@ -2,8 +2,9 @@
 
 `sample_next` is vectorised over rows that may each have their own sampling settings
 and their own random stream, so a row's output never depends on which other rows share
-its batch. Each row draws exactly one uniform number per step from its own generator
-and picks its character by inverse CDF over the surviving probabilities.
+its batch. A row draws uniform numbers only from its own stream (`Uniforms`), picks a
+character by inverse CDF over its whole distribution and keeps it if it is among the
+top-k/top-p survivors, else draws again (`sample_rows`): no sort of the vocabulary.
 """
 
 from __future__ import annotations
@@ -37,32 +38,98 @@ class SamplingParams:
             raise ValueError(f"no_repeat_ngram must be 0 (off) or in [2, 1000], not {self.no_repeat_ngram!r}")
 
 
-def row_generator(seed: int) -> torch.Generator:
-    """A CPU generator for one row's uniforms (CPU streams are the same on every device)."""
-    g = torch.Generator(device="cpu")
-    g.manual_seed(seed)
-    return g
+class Uniforms:
+    """One row's stream of uniform numbers in [0, 1) from its own seeded CPU generator (the same
+    stream on every device), drawn in blocks: one `torch.rand` per block, not one per character."""
+
+    BLOCK = 256
+
+    def __init__(self, seed: int):
+        self.generator = torch.Generator(device="cpu")
+        self.generator.manual_seed(seed)
+        self.buffer: list[float] = []
+
+    def next(self) -> float:
+        if not self.buffer:
+            self.buffer = torch.rand(self.BLOCK, generator=self.generator, dtype=torch.float64).tolist()[::-1]
+        return self.buffer.pop()
+
+
+def draw(streams: Sequence[Uniforms], device) -> torch.Tensor:
+    """The next uniform of each stream, as a (rows, 1) tensor."""
+    return torch.tensor([s.next() for s in streams], device=device)[:, None]
 
 
 def sample_next(logits: torch.Tensor, params: Sequence[SamplingParams], seen: torch.Tensor | None,
-                generators: Sequence[torch.Generator | None]) -> torch.Tensor:
+                streams: Sequence[Uniforms | None]) -> torch.Tensor:
     """Pick one character per row. logits (rows, vocab); seen (rows, vocab) bool marks the
     characters already in each row's text (for the repetition penalty)."""
     logits = logits.float()
     device = logits.device
-    penalty = torch.tensor([p.repetition_penalty for p in params], device=device)[:, None]
-    if seen is not None and bool((penalty != 1.0).any()):
+    if seen is not None and any(p.repetition_penalty != 1.0 for p in params):
+        penalty = torch.tensor([p.repetition_penalty for p in params], device=device)[:, None]
         penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
         logits = torch.where(seen, penalised, logits)
-    choice = logits.argmax(dim=1)
     sampled = [i for i, p in enumerate(params) if p.temperature > 0]
     if not sampled:
-        return choice
-    idx = torch.tensor(sampled, device=device)
-    temperature = torch.tensor([params[i].temperature for i in sampled], device=device)[:, None]
-    probs = torch.softmax(logits[idx] / temperature, dim=1)
-    top_k = torch.tensor([params[i].top_k or logits.shape[1] for i in sampled], device=device)[:, None]
-    top_p = torch.tensor([params[i].top_p for i in sampled], device=device)[:, None]
+        return logits.argmax(dim=1)
+    rows = [params[i] for i in sampled]
+    temperature = torch.tensor([p.temperature for p in rows], device=device)[:, None]
+    if len(sampled) == len(params):
+        return sample_rows(torch.softmax(logits / temperature, dim=1), rows, streams)
+    index = torch.tensor(sampled, device=device)
+    choice = logits.argmax(dim=1)
+    choice[index] = sample_rows(torch.softmax(logits[index] / temperature, dim=1), rows, [streams[i] for i in sampled])
+    return choice
+
+
+def sample_rows(probs: torch.Tensor, params: Sequence[SamplingParams], streams: Sequence[Uniforms],
+                rounds: int = 4) -> torch.Tensor:
+    """One character per row from its top-k/top-p survivors, without sorting the vocabulary.
+
+    A character survives when fewer than top_k characters are likelier than it and their mass is
+    below top_p (the sorted definition, order-free). Each row draws by inverse CDF over its whole
+    distribution and keeps the draw if it survives, else draws again: conditioned on surviving, the
+    draw has exactly the survivors' renormalised distribution, and with top_p 0.9 nine draws in ten
+    survive at the first try. Rows still rejected after `rounds` tries (a tiny top_k or top_p on a
+    flat distribution) sample from their sorted head instead."""
+    device, vocab = probs.device, probs.shape[1]
+    top_k = torch.tensor([p.top_k or vocab for p in params], device=device)[:, None]
+    top_p = torch.tensor([p.top_p for p in params], device=device)[:, None]
+    restricted = any(p.top_k or p.top_p < 1.0 for p in params)
+    any_top_k = any(p.top_k for p in params)
+    cdf = probs.cumsum(dim=1)
+    picks = torch.empty(len(params), dtype=torch.long, device=device)
+    todo = list(range(len(params)))
+    for attempt in range(rounds):
+        # the first try takes every row as it is; later ones only the rejected rows (a copy)
+        index = None if attempt == 0 else torch.tensor(todo, device=device)
+        p, c, k, q = (probs, cdf, top_k, top_p) if index is None else (
+            probs[index], cdf[index], top_k[index], top_p[index])
+        uniforms = draw([streams[i] for i in todo], device).to(c.dtype)
+        pick = torch.searchsorted(c, uniforms * c[:, -1:], right=True).clamp_(max=vocab - 1)
+        if index is None:
+            picks = pick[:, 0]
+        else:
+            picks[index] = pick[:, 0]
+        if not restricted:
+            return picks
+        likelier = torch.where(p > p.gather(1, pick), p, 0.0)  # the probabilities above the pick's
+        ok = likelier.sum(dim=1, keepdim=True) < q
+        if any_top_k:
+            ok &= torch.count_nonzero(likelier, dim=1)[:, None] < k
+        todo = [i for i, good in zip(todo, ok[:, 0].tolist(), strict=True) if not good]
+        if not todo:
+            return picks
+    index = torch.tensor(todo, device=device)
+    picks[index] = sample_sorted(probs[index], top_k[index], top_p[index], [streams[i] for i in todo])
+    return picks
+
+
+def sample_sorted(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                  streams: Sequence[Uniforms]) -> torch.Tensor:
+    """One character per row by inverse CDF over its sorted top-k/top-p survivors."""
+    device = probs.device
     sorted_probs, order = sorted_head(probs, top_k, top_p)
     cumulative = sorted_probs.cumsum(dim=1)
     position = torch.arange(sorted_probs.shape[1], device=device)[None, :]
@@ -70,20 +137,18 @@ def sample_next(logits: torch.Tensor, params: Sequence[SamplingParams], seen: to
     keep = (position < top_k) & ((cumulative - sorted_probs) < top_p)
     keep[:, 0] = True
     kept = torch.where(keep, sorted_probs, 0.0).cumsum(dim=1)
-    uniforms = torch.cat([torch.rand(1, generator=generators[i]) for i in sampled]).to(device)
-    target = uniforms[:, None] * kept[:, -1:]
+    target = draw(streams, device).to(kept.dtype) * kept[:, -1:]
     pick = torch.searchsorted(kept, target, right=True).clamp_(max=sorted_probs.shape[1] - 1)
     # a pick past the kept set can only come from rounding at the very top: step back into it
     pick = torch.minimum(pick, keep.sum(dim=1, keepdim=True) - 1)
-    choice[idx] = order.gather(1, pick).squeeze(1)
-    return choice
+    return order.gather(1, pick).squeeze(1)
 
 
 def sorted_head(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
                 first: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     """The leading columns of `probs` sorted in descending order (values, indices): enough that
-    every row's top-k/top-p survivors are among them. Sorting the whole vocabulary dominated a
-    sampled step; a small `topk` gives the same leading columns (and so the same cumulative sums)."""
+    every row's top-k/top-p survivors are among them. Sorting the whole vocabulary is slow; a small
+    `topk` gives the same leading columns (and so the same cumulative sums)."""
     k, vocab = first, probs.shape[1]
     while k < vocab:
         head, order = probs.topk(k, dim=1)

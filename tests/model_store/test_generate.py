@@ -6,7 +6,7 @@ import torch
 
 from model_store.generate import Generation, generate
 from model_store.model import CharLM, ModelConfig
-from model_store.sampling import SamplingParams, row_generator, sample_next
+from model_store.sampling import SamplingParams, Uniforms, sample_next
 from model_store.vocab import UnknownCharactersError, Vocabulary, one_hot
 
 VOCAB12 = Vocabulary("abcdefghijkl")
@@ -332,7 +332,7 @@ N_DRAWS = 20000
 
 def draw(params: SamplingParams, logits_row: torch.Tensor = PROBS.log(), seed=0) -> Counter:
     """N_DRAWS draws from one logits row (one row per draw, all sharing one random stream)."""
-    g = row_generator(seed)
+    g = Uniforms(seed)
     logits = logits_row.repeat(N_DRAWS, 1)
     picks = sample_next(logits, [params] * N_DRAWS, None, [g] * N_DRAWS)
     return Counter(picks.tolist())
@@ -376,7 +376,7 @@ def test_top_p_keeps_the_smallest_set_that_reaches_p(top_p, survivors):
 def test_each_row_uses_its_own_settings_and_stream():
     logits = PROBS.log().repeat(3, 1)
     params = [SamplingParams(), SamplingParams(temperature=1.0, top_k=1), SamplingParams(temperature=1.0)]
-    picks = [sample_next(logits, params, None, [None, row_generator(1), row_generator(s)]).tolist()
+    picks = [sample_next(logits, params, None, [None, Uniforms(1), Uniforms(s)]).tolist()
              for s in range(40)]
     assert all(p[0] == 0 and p[1] == 0 for p in picks)  # greedy row, top-k 1 row
     assert len({p[2] for p in picks}) > 3  # the sampled row varies with its own seed
@@ -387,12 +387,47 @@ def test_sampling_from_a_sorted_head_equals_sampling_from_the_whole_sorted_vocab
     import model_store.sampling as g
 
     logits = torch.randn(16, 3000, generator=torch.Generator().manual_seed(0)) * scale
-    params = [SamplingParams(temperature=t, top_p=p, top_k=k)
-              for t, p, k in [(0.8, 0.9, 0), (1.0, 1.0, 0), (0.5, 0.5, 0), (1.2, 1.0, 100)] * 4]
-    fast = [sample_next(logits, params, None, [row_generator(i) for i in range(16)]) for _ in range(3)]
+    probs = torch.softmax(logits, dim=1)
+    top_k = torch.tensor([3000, 3000, 3000, 100] * 4)[:, None]  # 3000: no limit
+    top_p = torch.tensor([0.9, 1.0, 0.5, 1.0] * 4)[:, None]
+    fast = [g.sample_sorted(probs, top_k, top_p, [Uniforms(i) for i in range(16)]) for _ in range(3)]
     monkeypatch.setattr(g, "sorted_head", lambda probs, top_k, top_p: probs.sort(dim=1, descending=True))
-    whole = [sample_next(logits, params, None, [row_generator(i) for i in range(16)]) for _ in range(3)]
+    whole = [g.sample_sorted(probs, top_k, top_p, [Uniforms(i) for i in range(16)]) for _ in range(3)]
     assert all(torch.equal(a, b) for a, b in zip(fast, whole, strict=True))
+
+
+def nucleus(probs: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """The top-k/top-p survivors' renormalised distribution, by sorting (the textbook definition)."""
+    sorted_probs, order = probs.sort(descending=True)
+    keep = ((sorted_probs.cumsum(0) - sorted_probs) < top_p) & (torch.arange(len(probs)) < (top_k or len(probs)))
+    out = torch.zeros_like(probs)
+    out[order[keep]] = sorted_probs[keep]
+    return out / out.sum()
+
+
+@pytest.mark.parametrize("top_k,top_p", [(0, 0.9), (0, 0.5), (5, 1.0), (40, 0.9), (2, 1.0), (0, 0.05)])
+def test_sampling_by_rejection_draws_the_survivors_distribution(top_k, top_p):
+    # 50 characters, a peaked distribution: survivors are accepted at the first try (top_p 0.9) or
+    # after several (top_k 2, top_p 0.05: the sorted fallback takes the rows rejected four times)
+    logits = torch.randn(50, generator=torch.Generator().manual_seed(3)) * 2
+    params = SamplingParams(temperature=1.0, top_k=top_k, top_p=top_p)
+    counts = draw(params, logits)
+    expected = nucleus(torch.softmax(logits, dim=0), top_k, top_p)
+    assert set(counts) == set(expected.nonzero()[:, 0].tolist())
+    for i, p in enumerate(expected.tolist()):
+        assert abs(counts[i] / N_DRAWS - p) < 0.015, (i, counts[i] / N_DRAWS, p)
+
+
+def test_a_rows_draws_do_not_depend_on_its_batch_mates_rejections():
+    logits = torch.randn(4, 300, generator=torch.Generator().manual_seed(0)) * 3
+    mine = SamplingParams(temperature=0.9, top_p=0.8)
+    others = [SamplingParams(temperature=1.0, top_k=1), SamplingParams(), SamplingParams(temperature=2.0, top_p=0.01)]
+    alone_stream, mate_stream = Uniforms(7), Uniforms(7)
+    mate_streams = [Uniforms(1), None, Uniforms(2)]
+    for _ in range(30):
+        alone = sample_next(logits[:1], [mine], None, [alone_stream])
+        together = sample_next(logits, [mine, *others], None, [mate_stream, *mate_streams])
+        assert alone.item() == together[0].item()
 
 
 # no_repeat_ngram ----------------------------------------------------------------------------
