@@ -31,12 +31,12 @@ def rnn_cell_backward(dH, dC, H_prev, C_prev, saved):
 
 def gru_cell(xg, hg, H, C):
     # torch's (and cuDNN's) GRU: the reset gate multiplies H W_hh + b_hn, not H (see model.py)
-    x_r, x_z, x_h = xg.chunk(3, dim=1)
-    h_r, h_z, h_h = hg.chunk(3, dim=1)
-    R = torch.sigmoid(x_r + h_r)  # reset gate
-    Z = torch.sigmoid(x_z + h_z)  # update gate
-    H_tilde = torch.tanh(x_h + R * h_h)  # candidate state
-    H_new = Z * H + (1 - Z) * H_tilde
+    n = H.shape[1]
+    RZ = torch.sigmoid(xg[:, :2 * n] + hg[:, :2 * n])  # reset and update gates, side by side
+    R, Z = RZ[:, :n], RZ[:, n:]
+    h_h = hg[:, 2 * n:]
+    H_tilde = torch.tanh(torch.addcmul(xg[:, 2 * n:], R, h_h))  # candidate state: tanh(x_h + R * h_h)
+    H_new = torch.lerp(H_tilde, H, Z)  # Z * H + (1 - Z) * H_tilde
     return H_new, None, (R, Z, H_tilde, h_h)
 
 
@@ -49,13 +49,13 @@ def gru_cell_backward(dH, dC, H_prev, C_prev, saved):
 
 
 def lstm_cell(xg, hg, H, C):
-    x_i, x_f, x_c, x_o = xg.chunk(4, dim=1)
-    h_i, h_f, h_c, h_o = hg.chunk(4, dim=1)
-    I = torch.sigmoid(x_i + h_i)  # input gate  # noqa: E741
-    F_ = torch.sigmoid(x_f + h_f)  # forget gate
-    C_tilde = torch.tanh(x_c + h_c)  # candidate memory
-    O = torch.sigmoid(x_o + h_o)  # output gate  # noqa: E741
-    C = F_ * C + I * C_tilde
+    n = H.shape[1]
+    pre = xg + hg  # gate blocks in torch's order: input, forget, candidate, output
+    IF = torch.sigmoid(pre[:, :2 * n])
+    I, F_ = IF[:, :n], IF[:, n:]  # input and forget gates  # noqa: E741
+    C_tilde = torch.tanh(pre[:, 2 * n:3 * n])  # candidate memory
+    O = torch.sigmoid(pre[:, 3 * n:])  # output gate  # noqa: E741
+    C = torch.addcmul(F_ * C, I, C_tilde)  # F * C + I * C_tilde
     tanh_C = torch.tanh(C)
     return O * tanh_C, C, (I, F_, C_tilde, O, tanh_C)
 
@@ -73,6 +73,20 @@ def lstm_cell_backward(dH, dC, H_prev, C_prev, saved):
 
 CELLS = {"rnn": (rnn_cell, rnn_cell_backward), "gru": (gru_cell, gru_cell_backward),
          "lstm": (lstm_cell, lstm_cell_backward)}
+
+
+def recurrence(cell, xg, h0, c0, w_hh, b_hh):
+    """One layer over all steps (see `Recurrence`): through `Recurrence` when a gradient is wanted,
+    else a plain loop that keeps nothing for a backward pass (generation, scoring)."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (xg, h0, c0, w_hh, b_hh)):
+        return Recurrence.apply(cell, xg, h0, c0, w_hh, b_hh)
+    step = CELLS[cell][0]
+    H, C = h0, c0
+    hs = []
+    for x_t in xg.unbind(0):
+        H, C, _ = step(x_t, F.linear(H, w_hh, b_hh), H, C)
+        hs.append(H)
+    return (H[None] if len(hs) == 1 else torch.stack(hs)), C if C is not None else h0.new_zeros(())
 
 
 class Recurrence(torch.autograd.Function):

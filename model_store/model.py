@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model_store.cells import Recurrence
+from model_store.cells import recurrence
 
 GATES = {"rnn": 1, "gru": 3, "lstm": 4}
 IMPLS = ("scratch", "fused")
@@ -162,7 +162,7 @@ class CharLM(nn.Module):
                 xg = F.linear(self.drop(layer_input), getattr(self.rnn, f"weight_ih_l{layer}"),
                               getattr(self.rnn, f"bias_ih_l{layer}"))
             h0, c0 = h_all[layer], (c_all[layer] if c_all is not None else None)
-            hs, c_last = Recurrence.apply(cell, xg.transpose(0, 1).contiguous(), h0, c0, w_hh, b_hh)
+            hs, c_last = recurrence(cell, xg.transpose(0, 1).contiguous(), h0, c0, w_hh, b_hh)
             layer_input = hs.transpose(0, 1)
             H, C = hs[-1], (c_last if cell == "lstm" else None)
             h_out.append(H)
