@@ -19,8 +19,8 @@ async def healthz() -> dict:
 @router.get("/readyz", response_model=Ready, summary="Models are loaded and the engine is running",
             responses={503: {"model": ErrorBody, "description": "not ready yet (or shutting down)"}})
 async def readyz(request: Request) -> dict:
-    models = get_models(request)
-    if get_engine(request).closing:
+    models = await get_models(request)
+    if (await get_engine(request)).closing:
         raise ApiError(503, "not_ready", "shutting down: finishing the requests in flight")
     return {"status": "ready", "default": models.default, "models": list(models.models), "device": models.device}
 
