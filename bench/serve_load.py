@@ -138,7 +138,7 @@ def main(argv=None) -> None:
     p.add_argument("--corpus", required=True, help="the shared lyrics corpus (read only)")
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
-    p.add_argument("--requests", type=int, nargs="+", default=[16, 32, 96, 128],
+    p.add_argument("--requests", type=int, nargs="+", default=[32, 64, 256, 512],
                    help="requests per concurrency level (one number, or one per level)")
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch threads in every process")
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
