@@ -36,11 +36,12 @@ import weakref
 from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
+from functools import reduce
 from typing import Any, TypeVar
 
 import torch
 
-from model_store.generate import Batch, Completion, Delta, Generation, Row, prefill_rows
+from model_store.generate import Batch, Completion, Delta, Generation, Row, cat_state, prefill_rows
 
 T = TypeVar("T")
 log = logging.getLogger("app.engine")
@@ -155,17 +156,25 @@ class Scheduler:
             self.active.add(job)
             if not job.stopped and time.monotonic() <= job.deadline:
                 by_length[len(job.generation.ids)].append(job)
+        admitted = []  # (jobs, rows, logits, state, seen) of each group prefilled
         for group in by_length.values():
             try:
                 rows = [row for job in group for row in job.generation.rows(owner=job)]
-                self.batch.add(rows, *prefill_rows(self.model, [j.generation for j in group]))
+                admitted.append((group, rows, *prefill_rows(self.model, [j.generation for j in group])))
             except Exception as e:  # a bad request fails alone
                 for job in group:
                     job.error = e
                     self.end(job, "error", posts)
-                continue
+        if not admitted:
+            return
+        # one concatenation onto the batch for all the groups (each copies the whole batch)
+        rows = [row for _, group_rows, *_ in admitted for row in group_rows]
+        logits = torch.cat([a[2] for a in admitted])
+        state = reduce(cat_state, [a[3] for a in admitted])
+        self.batch.add(rows, logits, state, torch.cat([a[4] for a in admitted]))
+        for group, group_rows, *_ in admitted:
             for job in group:
-                job.rows = [r for r in rows if r.owner is job]
+                job.rows = [r for r in group_rows if r.owner is job]
                 if all(r.finish for r in job.rows):
                     self.end(job, "completed", posts)
 

@@ -163,17 +163,19 @@ class Batch:
         self.rows, self.logits, self.state, self.seen = self.rows + rows, logits, state, seen
         self.keep([i for i, r in enumerate(self.rows) if r.finish is None])
 
-    def keep(self, kept: list[int]) -> None:
-        """Keep only the rows at these positions (retire or cancel the others)."""
+    def keep(self, kept: list[int], logits: bool = True) -> None:
+        """Keep only the rows at these positions (retire or cancel the others). `logits=False`: the
+        caller is about to replace the logits, so they are not copied."""
         if len(kept) == len(self.rows):
             return
         self.rows = [self.rows[i] for i in kept]
         if not self.rows:
             self.logits = self.state = self.seen = None
             return
-        index = torch.tensor(kept, device=self.logits.device)
-        self.logits, self.seen = self.logits.index_select(0, index), self.seen.index_select(0, index)
-        self.state = select_state(self.state, index)
+        index = torch.tensor(kept, device=self.seen.device)
+        if logits:
+            self.logits = self.logits.index_select(0, index)
+        self.seen, self.state = self.seen.index_select(0, index), select_state(self.state, index)
 
     def drop(self, owners) -> None:
         """Remove every row whose owner is in `owners`."""
@@ -186,7 +188,7 @@ class Batch:
         chosen = sample_next(logits, [r.params for r in rows], self.seen, [r.uniforms for r in rows])
         chars = self.vocab.idx_to_char
         produced = [(row, row.push(chars[c], c)) for row, c in zip(rows, chosen.tolist(), strict=True)]
-        self.seen[torch.arange(len(rows), device=chosen.device), chosen] = True
+        self.seen.scatter_(1, chosen[:, None], True)
         live = [i for i, r in enumerate(rows) if r.finish is None]
         if len(live) < len(rows):
             for i, row in enumerate(rows):
@@ -194,7 +196,7 @@ class Batch:
                     state = select_state(self.state, torch.tensor([i], device=chosen.device))
                     row.snapshot = snapshot(state, int(chosen[i]), self.seen[i])
             chosen = chosen[torch.tensor(live, dtype=torch.long, device=chosen.device)]
-            self.keep(live)
+            self.keep(live, logits=False)
         if self.rows:
             step_logits, self.state = self.model(chosen[:, None], self.state)
             self.logits = step_logits[:, -1]
