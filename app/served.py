@@ -67,7 +67,7 @@ def load_models(settings: Settings) -> ServedModels:
         raise StartupError(f"LYRICS_DEVICE={settings.device!r} cannot be used: {e}") from e
     directory = settings.model_dir
     log.info("loading models from %s onto %s", directory, device)
-    loaded = load_directory(directory, device)
+    loaded = load_directory(directory, device, pack=True)
     for name, reason in loaded.skipped.items():
         log.warning("skipped %s: %s", name, reason)
     for ck in loaded.models.values():
@@ -114,7 +114,7 @@ def rescan(settings: Settings, current: ServedModels) -> tuple[ServedModels, dic
                 models[name], stamps[name] = current.models[name], new
                 unchanged.append(name)
                 continue
-            models[name], stamps[name] = load_checkpoint(path, device=current.device), new
+            models[name], stamps[name] = load_checkpoint(path, device=current.device, pack=True), new
             loaded.append(name)
             log_loaded(models[name], current.device)
         except (CheckpointError, OSError) as e:

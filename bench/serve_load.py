@@ -120,7 +120,7 @@ async def drive(url: str, concurrency: int, requests: int, mode: dict, model: st
 
 def model_step_ceiling(path: Path, batch: int, steps: int = 300) -> float:
     """Characters/s of the bare batched step: lookup + GRU cell + dense + argmax, no sampler, no server."""
-    model = load_checkpoint(path, "cpu").model
+    model = load_checkpoint(path, "cpu", pack=True).model  # as the service loads it
     with torch.inference_mode():
         ids = torch.zeros(batch, dtype=torch.long)
         state = model.init_state(batch)

@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from model_store.packed import linear
+
 
 def rnn_cell(xg, hg, H, C):
     H = torch.tanh(xg + hg)  # H_t = tanh(X_t W_xh + H_{t-1} W_hh + b_h)
@@ -75,18 +77,19 @@ CELLS = {"rnn": (rnn_cell, rnn_cell_backward), "gru": (gru_cell, gru_cell_backwa
          "lstm": (lstm_cell, lstm_cell_backward)}
 
 
-def recurrence(cell, xg, h0, c0, w_hh, b_hh):
+def recurrence(cell, xg, h0, c0, w_hh, b_hh, packed_hh=None):
     """One layer over all steps (see `Recurrence`): through `Recurrence` when a gradient is wanted,
-    else a plain loop that keeps nothing for a backward pass (generation, scoring)."""
+    else a plain loop that keeps nothing for a backward pass (generation, scoring), with
+    H_{t-1} W_hh from `packed_hh` (packed.PackedLinear) when given."""
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (xg, h0, c0, w_hh, b_hh)):
         return Recurrence.apply(cell, xg, h0, c0, w_hh, b_hh)
     step = CELLS[cell][0]
     H, C = h0, c0
     hs = []
     for x_t in xg.unbind(0):
-        H, C, _ = step(x_t, F.linear(H, w_hh, b_hh), H, C)
+        H, C, _ = step(x_t, linear(H, w_hh, b_hh, packed_hh), H, C)
         hs.append(H)
-    return (H[None] if len(hs) == 1 else torch.stack(hs)), C if C is not None else h0.new_zeros(())
+    return (H[None] if len(hs) == 1 else torch.stack(hs)), C
 
 
 class Recurrence(torch.autograd.Function):

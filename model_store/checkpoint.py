@@ -104,8 +104,10 @@ def read_metadata(path: str | os.PathLike) -> dict:
     return meta
 
 
-def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu", impl: str = "auto") -> Checkpoint:
-    """Load and validate a checkpoint onto `device` (a GPU-trained file loads on a CPU)."""
+def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu", impl: str = "auto",
+                    pack: bool = False) -> Checkpoint:
+    """Load and validate a checkpoint onto `device` (a GPU-trained file loads on a CPU). `pack`: for
+    generation and scoring, keep the weight matrices in oneDNN's layout too (`CharLM.pack`)."""
     meta, tensors = _open(path, read_tensors=True)
     ngram_tensors = {k: tensors.pop(k) for k in [k for k in tensors if k.startswith("ngram.")]}
     try:
@@ -138,6 +140,8 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
     if "mixture" in meta:
         model = load_mixture(path, model, meta["mixture"], ngram_tensors)
     model.to(device).eval()
+    if pack:
+        model.pack()
     training = meta.get("training") or {}
     if not isinstance(training, dict):
         raise CheckpointError(f"{path}: training summary must be a JSON object")

@@ -117,6 +117,9 @@ class MixtureLM(nn.Module):
     def num_parameters(self) -> int:
         return self.rnn.num_parameters()
 
+    def pack(self) -> bool:
+        return self.rnn.pack()
+
     def init_state(self, batch_size: int, device=None) -> tuple[torch.Tensor, ...]:
         device = device or self.dense.weight.device
         rnn_state = self.rnn.init_state(batch_size, device)

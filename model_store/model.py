@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model_store import packed
 from model_store.cells import recurrence
 
 GATES = {"rnn": 1, "gru": 3, "lstm": 4}
@@ -90,6 +91,7 @@ class CharLM(nn.Module):
             nn.init.uniform_(self.embedding.weight, -0.1, 0.1)
             self.dense.weight = self.embedding.weight
         self.impl = impl
+        self.packed: dict[str, packed.PackedLinear] = {}  # see pack()
 
     @property
     def impl(self) -> str:
@@ -114,6 +116,22 @@ class CharLM(nn.Module):
             del state["dense.weight"]
         return state
 
+    def pack(self) -> bool:
+        """Keep copies of the weight matrices in oneDNN's layout for generation and scoring
+        (model_store/packed.py): the matrix products of a step without a gradient then run 2-3x
+        faster on a CPU, and an inference step takes the `scratch` path, which uses them.
+        Training is unaffected. False where oneDNN is not available (or not a CPU)."""
+        if not packed.available() or self.dense.weight.device.type != "cpu":
+            return False
+        names = ["dense"] + [f"rnn.weight_{kind}_l{layer}" for layer in range(self.config.num_layers)
+                             for kind in ("ih", "hh") if layer or kind == "hh" or self.embedding is not None]
+        params = dict(self.named_parameters(remove_duplicate=False))
+        for name in names:
+            weight = params[name + ".weight"] if name == "dense" else params[name]
+            bias = params["dense.bias"] if name == "dense" else params[name.replace("weight", "bias")]
+            self.packed[name] = packed.PackedLinear(weight, bias)
+        return True
+
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
@@ -126,12 +144,16 @@ class CharLM(nn.Module):
     def forward(self, inputs: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
         if state is None:
             state = self.init_state(inputs.shape[0], inputs.device)
-        # DropConnect needs the per-step path, which takes W_hh as an argument
-        if self.impl == "fused" and not (self.training and self.config.weight_drop):
+        # DropConnect needs the per-step path, which takes W_hh as an argument; so do packed weights
+        packed_step = self.packed and not torch.is_grad_enabled() and inputs.device.type == "cpu"
+        if self.impl == "fused" and not (self.training and self.config.weight_drop) and not packed_step:
             hiddens, state = self.rnn(self.drop(self.embedding(inputs)), state)
         else:
             hiddens, state = self._scratch(inputs, state)
-        return self.dense(self.drop(hiddens)), state
+        return self.linear("dense", self.drop(hiddens), self.dense.weight, self.dense.bias), state
+
+    def linear(self, name: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        return packed.linear(x, weight, bias, self.packed.get(name))
 
     def drop(self, x: torch.Tensor) -> torch.Tensor:
         return F.dropout(x, self.config.dropout, self.training) if self.config.dropout else x
@@ -144,7 +166,7 @@ class CharLM(nn.Module):
         w_ih, b_ih = self.rnn.weight_ih_l0, self.rnn.bias_ih_l0
         if self.embedding is None:
             return F.embedding(inputs, w_ih.t()) + b_ih
-        return F.linear(self.drop(self.embedding(inputs)), w_ih, b_ih)
+        return self.linear("rnn.weight_ih_l0", self.drop(self.embedding(inputs)), w_ih, b_ih)
 
     def _scratch(self, inputs: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         cell = self.config.cell
@@ -159,10 +181,11 @@ class CharLM(nn.Module):
             if layer == 0:
                 xg = self.input_gates(inputs)
             else:
-                xg = F.linear(self.drop(layer_input), getattr(self.rnn, f"weight_ih_l{layer}"),
-                              getattr(self.rnn, f"bias_ih_l{layer}"))
+                xg = self.linear(f"rnn.weight_ih_l{layer}", self.drop(layer_input),
+                                 getattr(self.rnn, f"weight_ih_l{layer}"), getattr(self.rnn, f"bias_ih_l{layer}"))
             h0, c0 = h_all[layer], (c_all[layer] if c_all is not None else None)
-            hs, c_last = recurrence(cell, xg.transpose(0, 1).contiguous(), h0, c0, w_hh, b_hh)
+            hs, c_last = recurrence(cell, xg.transpose(0, 1).contiguous(), h0, c0, w_hh, b_hh,
+                                    self.packed.get(f"rnn.weight_hh_l{layer}"))
             layer_input = hs.transpose(0, 1)
             H, C = hs[-1], (c_last if cell == "lstm" else None)
             h_out.append(H)

@@ -82,14 +82,14 @@ def outside_directory(path: Path, directory: str | os.PathLike) -> bool:
     return not path.resolve().is_relative_to(Path(directory).resolve())
 
 
-def load_directory(directory: str | os.PathLike, device: str | torch.device = "cpu") -> LoadedModels:
+def load_directory(directory: str | os.PathLike, device: str | torch.device = "cpu", pack: bool = False) -> LoadedModels:
     loaded = LoadedModels()
     for path in checkpoint_paths(directory):
         if outside_directory(path, directory):
             loaded.skipped[path.name] = "a symbolic link to a file outside the model directory: refused"
             continue
         try:
-            ck = load_checkpoint(path, device=device)
+            ck = load_checkpoint(path, device=device, pack=pack)
         except CheckpointError as e:
             loaded.skipped[path.name] = str(e)
             continue

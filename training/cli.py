@@ -192,11 +192,11 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 def open_model(args):
     device = resolve_device(args.device)
     if args.model is None:
-        loaded = load_directory(args.dir, device)
+        loaded = load_directory(args.dir, device, pack=True)
         if not loaded.models:
             raise CheckpointError(f"no loadable checkpoint in {args.dir}")
         return loaded.models[loaded.default]
-    return load_checkpoint(resolve(args.model, args.dir), device=device)
+    return load_checkpoint(resolve(args.model, args.dir), device=device, pack=True)
 
 
 def cmd_train(args) -> int:

@@ -44,8 +44,9 @@ def model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def checkpoints(model_dir) -> dict[str, Checkpoint]:
-    """The same models loaded directly, to compare the service's answers with model_store's."""
-    return load_directory(model_dir, "cpu").models
+    """The same models loaded directly as the service loads them (packed weights), to compare the
+    service's answers with model_store's."""
+    return load_directory(model_dir, "cpu", pack=True).models
 
 
 @pytest.fixture

@@ -128,7 +128,8 @@ async def test_per_char_lists_every_character_with_its_nll_and_the_mean_is_the_c
     assert [c["char"] for c in per_char] == list(TEXT)
     assert per_char[0] == {"char": TEXT[0], "nll": None, "nll_bits": None}
     scored = [c["nll"] for c in per_char[1:]]
-    assert scored == pytest.approx([c.nll for c in expected.per_char[1:]], rel=1e-9)
+    # the service scores with oneDNN-packed weights: float32 rounding differs
+    assert scored == pytest.approx([c.nll for c in expected.per_char[1:]], rel=1e-5, abs=1e-6)
     assert sum(scored) / len(scored) == pytest.approx(body["cross_entropy"], rel=1e-9)
     assert all(c["nll_bits"] == pytest.approx(c["nll"] / math.log(2)) for c in per_char[1:])
     assert body["results"][0]["per_char"] == per_char

@@ -243,3 +243,63 @@ def test_weights_use_torch_nn_names_and_shapes(cell, gates):
         "dense.weight": (V, 8), "dense.bias": (V,),
     }
     assert model.num_parameters() == sum(v.numel() for v in model.state_dict().values())
+
+
+# oneDNN-packed weights (model_store/packed.py) ----------------------------------------------
+
+PACK_CASES = [("rnn", 1, 0), ("gru", 1, 0), ("lstm", 1, 0), ("gru", 2, 8), ("lstm", 2, 8), ("rnn", 3, 16)]
+
+
+def packed_copy(make_model, cell, num_layers, embed_size):
+    plain = make_model(cell, num_layers=num_layers, embed_size=embed_size, std=0.3)
+    packed = make_model(cell, num_layers=num_layers, embed_size=embed_size, std=0.3)
+    if not packed.pack():
+        pytest.skip("oneDNN is not available in this torch build")
+    return plain, packed
+
+
+@pytest.mark.parametrize("cell,num_layers,embed_size", PACK_CASES)
+def test_packed_weights_give_the_same_logits_and_state_within_float32_rounding(make_model, cell, num_layers,
+                                                                                 embed_size):
+    plain, packed = packed_copy(make_model, cell, num_layers, embed_size)
+    inputs = random_inputs(batch=20, steps=5)
+    with torch.no_grad():
+        for a, b in zip(plain(inputs, random_state(plain, 20)), packed(inputs, random_state(packed, 20)), strict=True):
+            for x, y in zip(states(a), states(b), strict=True):
+                torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("cell,num_layers,embed_size", PACK_CASES)
+def test_with_packed_weights_a_rows_result_does_not_depend_on_its_batch(make_model, cell, num_layers, embed_size):
+    # bit for bit: what lets a request served in a batch of any size get exactly what it gets alone
+    _, packed = packed_copy(make_model, cell, num_layers, embed_size)
+    inputs, state = random_inputs(batch=40, steps=3), random_state(packed, 40)
+    with torch.no_grad():
+        whole_logits, whole_state = packed(inputs, state)
+        for batch in (1, 2, 7, 33):
+            part = tuple(s[:, :batch] for s in states(state))
+            logits, new_state = packed(inputs[:batch], part if cell == "lstm" else part[0])
+            assert torch.equal(logits, whole_logits[:batch])
+            assert all(torch.equal(a, b[:, :batch]) for a, b in zip(states(new_state), states(whole_state), strict=True))
+
+
+def test_packed_weights_are_not_used_when_a_gradient_is_wanted(make_model):
+    plain, packed = packed_copy(make_model, "gru", 2, 8)
+    plain.train(), packed.train()
+    inputs = random_inputs()
+    torch.testing.assert_close(packed(inputs)[0], plain(inputs)[0], rtol=0, atol=0)  # the very same arithmetic
+    packed(inputs)[0].sum().backward()
+    assert all(p.grad is not None for p in packed.parameters())
+
+
+def test_a_weight_changed_after_packing_is_packed_again(make_model):
+    plain, packed = packed_copy(make_model, "lstm", 1, 8)
+    inputs = random_inputs()
+    with torch.no_grad():
+        before = packed(inputs)[0]
+        for model in (plain, packed):  # an optimizer step or a load_state_dict changes weights in place
+            model.dense.weight.mul_(2.0)
+            model.rnn.weight_hh_l0.add_(0.1)
+        after = packed(inputs)[0]
+        assert not torch.allclose(before, after)
+        torch.testing.assert_close(after, plain(inputs)[0], rtol=1e-5, atol=1e-5)

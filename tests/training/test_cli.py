@@ -174,7 +174,8 @@ def test_perplexity_json_prints_the_score(capsys, model_dir, trained, lyric):
     body = json.loads(out)
     expected = score_text(trained.model, trained.vocab, lyric)
     assert body["chars_scored"] == len(lyric) - 1
-    assert body["cross_entropy"] == pytest.approx(expected.cross_entropy, rel=1e-9)
+    # the CLI scores with oneDNN-packed weights: float32 rounding differs
+    assert body["cross_entropy"] == pytest.approx(expected.cross_entropy, rel=1e-5)
     assert body["perplexity"] == pytest.approx(math.exp(body["cross_entropy"]), rel=1e-9)
     assert body["unknown_skipped"] == 0
     assert body["model"] == "rnn"
@@ -210,7 +211,7 @@ def test_perplexity_per_char_json_lists_every_character_and_the_spans(capsys, mo
     assert len(scored) == body["chars_scored"]
     assert sum(scored) / len(scored) == pytest.approx(body["cross_entropy"], rel=1e-9)
     expected = score_text(trained.model, trained.vocab, lyric, per_char=True)
-    assert scored == pytest.approx([c.nll for c in expected.per_char[1:]], rel=1e-9)
+    assert scored == pytest.approx([c.nll for c in expected.per_char[1:]], rel=1e-5, abs=1e-6)  # packed weights (see above)
     spans = body["surprising_spans"]
     assert len(spans) == 2 and all(s["end"] - s["start"] == 4 and text[s["start"]:s["end"]] == s["text"]
                                    for s in spans)
