@@ -15,9 +15,8 @@ side; a cell returns the new H, the new C (LSTM only) and what its backward need
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from model_store.packed import linear
+from model_store.onednn import fixed, weight_grad
 
 
 def rnn_cell(xg, hg, H, C):
@@ -80,14 +79,15 @@ CELLS = {"rnn": (rnn_cell, rnn_cell_backward), "gru": (gru_cell, gru_cell_backwa
 def recurrence(cell, xg, h0, c0, w_hh, b_hh, packed_hh=None):
     """One layer over all steps (see `Recurrence`): through `Recurrence` when a gradient is wanted,
     else a plain loop that keeps nothing for a backward pass (generation, scoring), with
-    H_{t-1} W_hh from `packed_hh` (packed.PackedLinear) when given."""
+    H_{t-1} W_hh from `packed_hh` (onednn.PackedLinear) when given."""
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (xg, h0, c0, w_hh, b_hh)):
         return Recurrence.apply(cell, xg, h0, c0, w_hh, b_hh)
     step = CELLS[cell][0]
+    hidden = packed_hh if packed_hh is not None else fixed(w_hh, b_hh)
     H, C = h0, c0
     hs = []
     for x_t in xg.unbind(0):
-        H, C, _ = step(x_t, linear(H, w_hh, b_hh, packed_hh), H, C)
+        H, C, _ = step(x_t, hidden(H), H, C)
         hs.append(H)
     return (H[None] if len(hs) == 1 else torch.stack(hs)), C
 
@@ -99,11 +99,12 @@ class Recurrence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, cell, xg, h0, c0, w_hh, b_hh):
         step = CELLS[cell][0]
+        hidden = fixed(w_hh, b_hh)  # H_{t-1} W_hh + b_hh, on oneDNN with W_hh packed once (onednn.py)
         H, C = h0, c0
         hs, cs, saved = [], [], []
         for x_t in xg.unbind(0):
             cs.append(C)
-            H, C, s = step(x_t, F.linear(H, w_hh, b_hh), H, C)
+            H, C, s = step(x_t, hidden(H), H, C)
             hs.append(H)
             saved.append(s)
         ctx.cell, ctx.saved, ctx.cs = cell, saved, cs
@@ -125,14 +126,15 @@ class Recurrence(torch.autograd.Function):
             torch.zeros_like(h0) if ctx.cell == "lstm" else None)
         dxg, dhg = [None] * len(hs), [None] * len(hs)
         with torch.autocast(device_type, dtype=dtype, enabled=autocast):  # as the forward ran
+            through_w_hh = fixed(w_hh.t(), None)  # dhg @ W_hh
             for t in range(len(hs) - 1, -1, -1):
                 dH = dH + d_hs[t]
                 dxg[t], dhg[t], dH_direct, dC = backward_step(dH, dC, h_prev[t], ctx.cs[t], ctx.saved[t])
-                dH = (dhg[t] @ w_hh).to(h0.dtype)  # through H_{t-1} W_hh
+                dH = through_w_hh(dhg[t]).to(h0.dtype)  # through H_{t-1} W_hh
                 if dH_direct is not None:
                     dH = dH + dH_direct
             dhg = torch.stack(dhg)
-            d_w_hh = dhg.flatten(0, 1).t() @ h_prev.flatten(0, 1)  # all steps in one matmul
+            d_w_hh = weight_grad(dhg.flatten(0, 1), h_prev.flatten(0, 1))  # all steps in one matmul
         d_c0 = dC.to(h0.dtype) if dC is not None else None
         return (None, torch.stack(dxg), dH.to(h0.dtype), d_c0, d_w_hh.to(w_hh.dtype),
                 dhg.sum((0, 1)).to(w_hh.dtype))

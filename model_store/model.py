@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model_store import packed
+from model_store import onednn
 from model_store.cells import recurrence
 
 GATES = {"rnn": 1, "gru": 3, "lstm": 4}
@@ -91,7 +91,7 @@ class CharLM(nn.Module):
             nn.init.uniform_(self.embedding.weight, -0.1, 0.1)
             self.dense.weight = self.embedding.weight
         self.impl = impl
-        self.packed: dict[str, packed.PackedLinear] = {}  # see pack()
+        self.packed: dict[str, onednn.PackedLinear] = {}  # see pack()
 
     @property
     def impl(self) -> str:
@@ -118,10 +118,10 @@ class CharLM(nn.Module):
 
     def pack(self) -> bool:
         """Keep copies of the weight matrices in oneDNN's layout for generation and scoring
-        (model_store/packed.py): the matrix products of a step without a gradient then run 2-3x
+        (model_store/onednn.py): the matrix products of a step without a gradient then run 2-3x
         faster on a CPU, and an inference step takes the `scratch` path, which uses them.
         Training is unaffected. False where oneDNN is not available (or not a CPU)."""
-        if not packed.available() or self.dense.weight.device.type != "cpu":
+        if not onednn.available() or self.dense.weight.device.type != "cpu":
             return False
         names = ["dense"] + [f"rnn.weight_{kind}_l{layer}" for layer in range(self.config.num_layers)
                              for kind in ("ih", "hh") if layer or kind == "hh" or self.embedding is not None]
@@ -129,7 +129,7 @@ class CharLM(nn.Module):
         for name in names:
             weight = params[name + ".weight"] if name == "dense" else params[name]
             bias = params["dense.bias"] if name == "dense" else params[name.replace("weight", "bias")]
-            self.packed[name] = packed.PackedLinear(weight, bias)
+            self.packed[name] = onednn.PackedLinear(weight, bias)
         return True
 
     def num_parameters(self) -> int:
@@ -153,19 +153,23 @@ class CharLM(nn.Module):
         return self.linear("dense", self.drop(hiddens), self.dense.weight, self.dense.bias), state
 
     def linear(self, name: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        return packed.linear(x, weight, bias, self.packed.get(name))
+        return onednn.linear(x, weight, bias, self.packed.get(name))
 
     def drop(self, x: torch.Tensor) -> torch.Tensor:
         return F.dropout(x, self.config.dropout, self.training) if self.config.dropout else x
 
     def input_gates(self, inputs: torch.Tensor) -> torch.Tensor:
-        """X_t @ W_xh + b_ih of the first layer for every step: (batch, steps, gates * hidden).
+        """X_t @ W_xh + b_ih of the first layer for every step: (batch, steps, gates * hidden), laid
+        out time-major in memory (what the recurrence reads).
 
-        One-hot input: row lookup into W_xh (`weight_ih_l0` is stored transposed, so its
-        columns are W_xh's rows)."""
+        One-hot input: a lookup of W_xh's rows, which are the columns of `weight_ih_l0` (stored
+        transposed). Gathering columns of the contiguous weight, not rows of its transpose, makes
+        the lookup and its gradient about 2x faster."""
         w_ih, b_ih = self.rnn.weight_ih_l0, self.rnn.bias_ih_l0
         if self.embedding is None:
-            return F.embedding(inputs, w_ih.t()) + b_ih
+            batch, steps = inputs.shape
+            columns = w_ih.index_select(1, inputs.t().reshape(-1))  # (gates * hidden, steps * batch)
+            return (columns.t().view(steps, batch, -1) + b_ih).transpose(0, 1)
         return self.linear("rnn.weight_ih_l0", self.drop(self.embedding(inputs)), w_ih, b_ih)
 
     def _scratch(self, inputs: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
