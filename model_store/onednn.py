@@ -31,9 +31,10 @@ def _product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
-def applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    return (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
-            and not torch.is_autocast_enabled("cpu") and ENABLED)
+def applies(*tensors: torch.Tensor) -> bool:
+    """Whether oneDNN runs a product of these: float32 on a CPU, outside autocast."""
+    return (ENABLED and not torch.is_autocast_enabled("cpu")
+            and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors))
 
 
 class Linear(torch.autograd.Function):
@@ -84,7 +85,7 @@ class PackedLinear:
 def fixed(weight: torch.Tensor, bias: torch.Tensor | None):
     """A function x -> x W^T + b for many products with one weight and no gradient (a recurrent
     layer's steps): `PackedLinear` where oneDNN applies, else `F.linear`."""
-    if applies(weight, weight):
+    if applies(weight):
         return PackedLinear(weight, bias)
     return lambda x: F.linear(x, weight, bias)
 
