@@ -395,6 +395,9 @@ class ModelInfo(ModelSummary):
 
     default: bool
     impl: str = Field(description="'scratch' (per-step equations) or 'fused' (torch.nn RNN/GRU/LSTM)")
+    packed: bool = Field(False, description="the weights are also kept in oneDNN's layout (a CPU model as the "
+                                            "service loads it): generation and scoring then run the scratch "
+                                            "equations on them, whatever impl says")
     device: str
     dtype: str
     train_perplexity: float | None

@@ -120,6 +120,10 @@ class MixtureLM(nn.Module):
     def pack(self) -> bool:
         return self.rnn.pack()
 
+    @property
+    def is_packed(self) -> bool:
+        return self.rnn.is_packed
+
     def init_state(self, batch_size: int, device=None) -> tuple[torch.Tensor, ...]:
         device = device or self.dense.weight.device
         rnn_state = self.rnn.init_state(batch_size, device)

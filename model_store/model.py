@@ -132,6 +132,10 @@ class CharLM(nn.Module):
             self.packed[name] = onednn.PackedLinear(weight, bias)
         return True
 
+    @property
+    def is_packed(self) -> bool:
+        return bool(self.packed)
+
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 

@@ -65,6 +65,7 @@ def describe(ck: Checkpoint, default: str | None = None) -> dict:
     return {"name": ck.name, "default": ck.name == default, "cell": c.cell, "hidden_size": c.hidden_size,
             "num_layers": c.num_layers, "embed_size": c.embed_size, "vocab_size": c.vocab_size,
             "parameters": ck.model.num_parameters(), "newlines": ck.newlines, "impl": ck.model.impl,
+            "packed": ck.model.is_packed,
             "device": str(weight.device), "dtype": str(weight.dtype).removeprefix("torch."),
             "train_perplexity": t.get("train_perplexity"), "val_perplexity": t.get("val_perplexity"),
             "training": t, "mixture": mixture_description(ck.model)}

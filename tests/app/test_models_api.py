@@ -12,13 +12,14 @@ from api_helpers import assert_error
 from app.main import create_app
 from app.served import StartupError
 from app.settings import Settings
+from model_store import onednn
 from model_store.registry import describe, load_directory
 from training.cli import main as cli_main
 
 pytestmark = pytest.mark.anyio
 
 FIELDS = {"name", "default", "cell", "hidden_size", "num_layers", "embed_size", "vocab_size", "parameters",
-          "newlines", "impl", "device", "dtype", "train_perplexity", "val_perplexity", "training", "mixture"}
+          "newlines", "impl", "packed", "device", "dtype", "train_perplexity", "val_perplexity", "training", "mixture"}
 
 
 async def test_models_lists_every_loaded_model_with_its_metadata(client, checkpoints):
@@ -33,6 +34,7 @@ async def test_models_lists_every_loaded_model_with_its_metadata(client, checkpo
         assert m["default"] == (m["name"] == "gru")
         assert m["cell"] == ck.config.cell and m["hidden_size"] == 32 and m["num_layers"] == 1
         assert m["vocab_size"] == len(ck.vocab) and m["parameters"] == ck.model.num_parameters()
+        assert m["packed"] is onednn.available()  # the service packs every CPU model it loads
         assert m["device"] == "cpu" and m["dtype"] == "float32"
         assert m["val_perplexity"] == ck.training["val_perplexity"] and m["training"]["epochs"] == 3
     assert {m["name"]: m["newlines"] for m in body["models"]} == {"gru": "keep", "rnn": "space"}
@@ -50,6 +52,7 @@ async def test_cli_models_json_has_the_same_shape(client, model_dir, capsys):
     cli_default = cli["default"]
     for entry in http["models"]:
         entry["default"] = entry["name"] == cli_default
+        entry["packed"] = False  # `lyrics models` only lists: it does not pack what it loads
     assert cli["models"] == http["models"]
     assert set(cli["skipped"]) == {"broken.safetensors"}
 
