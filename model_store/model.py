@@ -8,6 +8,10 @@ One weight layout, two implementations:
 * `fused` hands the same tensors to torch.nn.RNN/GRU/LSTM (cuDNN on a GPU, ATen's
   C++ loop on a CPU).
 
+On a CPU in float32 the matrix products of `scratch` run on oneDNN (onednn.py). A model
+loaded for serving is `pack()`ed: its generation and scoring then run `scratch` on packed
+weights whatever its impl, which is faster and makes a row's result independent of its batch.
+
 The weights are named and shaped as torch.nn.RNN/GRU/LSTM names them
 (`rnn.weight_ih_l0` is W_xh transposed, gate blocks stacked in torch's order), so a
 checkpoint loads into either implementation.
