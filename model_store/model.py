@@ -177,7 +177,7 @@ class CharLM(nn.Module):
         if self.embedding is None:
             batch, steps = inputs.shape
             columns = w_ih.index_select(1, inputs.t().reshape(-1))  # (gates * hidden, steps * batch)
-            return (columns.t().view(steps, batch, -1) + b_ih).transpose(0, 1)
+            return (columns.t().view(steps, batch, w_ih.shape[0]) + b_ih).transpose(0, 1)
         return self.linear("rnn.weight_ih_l0", self.drop(self.embedding(inputs)), w_ih, b_ih)
 
     def _scratch(self, inputs: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
