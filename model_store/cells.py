@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from model_store.onednn import fixed, weight_grad
+from model_store.onednn import fixed, linear, weight_grad
 
 
 def rnn_cell(xg, hg, H, C):
@@ -83,7 +83,13 @@ def recurrence(cell, xg, h0, c0, w_hh, b_hh, packed_hh=None):
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (xg, h0, c0, w_hh, b_hh)):
         return Recurrence.apply(cell, xg, h0, c0, w_hh, b_hh)
     step = CELLS[cell][0]
-    hidden = packed_hh if packed_hh is not None else fixed(w_hh, b_hh)
+    if packed_hh is not None:
+        hidden = packed_hh
+    elif len(xg) > 1:  # packing W_hh pays off over many steps, not for one
+        hidden = fixed(w_hh, b_hh)
+    else:
+        def hidden(H):
+            return linear(H, w_hh, b_hh)
     H, C = h0, c0
     hs = []
     for x_t in xg.unbind(0):
