@@ -107,7 +107,7 @@ def sample_rows(probs: torch.Tensor, params: Sequence[SamplingParams], streams: 
         p, c, k, q = (probs, cdf, top_k, top_p) if index is None else (
             probs[index], cdf[index], top_k[index], top_p[index])
         uniforms = draw([streams[i] for i in todo], device).to(c.dtype)
-        pick = torch.searchsorted(c, uniforms * c[:, -1:], right=True).clamp_(max=vocab - 1)
+        pick = torch.searchsorted(c, below_total(uniforms, c[:, -1:]), right=True)
         if index is None:
             picks = pick[:, 0]
         else:
@@ -126,6 +126,14 @@ def sample_rows(probs: torch.Tensor, params: Sequence[SamplingParams], streams: 
     return picks
 
 
+def below_total(uniforms: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+    """uniforms * total, kept strictly below total: a uniform just under 1 can round to 1 (float64 to
+    float32, or in the product), and a target at the total would pick past the last character with
+    any probability. Below it, inverse CDF (`searchsorted(cdf, target, right=True)`) always lands on
+    a character whose probability is above zero."""
+    return torch.minimum(uniforms * total, torch.nextafter(total, torch.zeros_like(total)))
+
+
 def sample_sorted(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
                   streams: Sequence[Uniforms]) -> torch.Tensor:
     """One character per row by inverse CDF over its sorted top-k/top-p survivors."""
@@ -137,10 +145,8 @@ def sample_sorted(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
     keep = (position < top_k) & ((cumulative - sorted_probs) < top_p)
     keep[:, 0] = True
     kept = torch.where(keep, sorted_probs, 0.0).cumsum(dim=1)
-    target = draw(streams, device).to(kept.dtype) * kept[:, -1:]
-    pick = torch.searchsorted(kept, target, right=True).clamp_(max=sorted_probs.shape[1] - 1)
-    # a pick past the kept set can only come from rounding at the very top: step back into it
-    pick = torch.minimum(pick, keep.sum(dim=1, keepdim=True) - 1)
+    target = below_total(draw(streams, device).to(kept.dtype), kept[:, -1:])
+    pick = torch.searchsorted(kept, target, right=True)
     return order.gather(1, pick).squeeze(1)
 
 

@@ -418,6 +418,21 @@ def test_sampling_by_rejection_draws_the_survivors_distribution(top_k, top_p):
         assert abs(counts[i] / N_DRAWS - p) < 0.015, (i, counts[i] / N_DRAWS, p)
 
 
+class AlmostOne:
+    """A stream whose every uniform is just below 1: as float32 it rounds to 1.0."""
+
+    def next(self) -> float:
+        return 1 - 1e-12
+
+
+@pytest.mark.parametrize("params", [SamplingParams(temperature=1.0), SamplingParams(temperature=1.0, top_p=0.9),
+                                    SamplingParams(temperature=1.0, top_k=2)])
+def test_a_uniform_that_rounds_to_one_never_picks_a_character_of_probability_zero(params):
+    logits = torch.tensor([[1.0, 2.0, 0.5, float("-inf")]])  # the last character is ruled out
+    pick = sample_next(logits, [params], None, [AlmostOne()]).item()
+    assert pick != 3 and torch.softmax(logits, dim=1)[0, pick] > 0
+
+
 def test_a_rows_draws_do_not_depend_on_its_batch_mates_rejections():
     logits = torch.randn(4, 300, generator=torch.Generator().manual_seed(0)) * 3
     mine = SamplingParams(temperature=0.9, top_p=0.8)
