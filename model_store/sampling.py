@@ -74,7 +74,9 @@ def sample_next(logits: torch.Tensor, params: Sequence[SamplingParams], seen: to
     if not sampled:
         return logits.argmax(dim=1)
     rows = [params[i] for i in sampled]
-    temperature = torch.tensor([p.temperature for p in rows], device=device)[:, None]
+    # a temperature so small that logits / temperature overflows would give NaN probabilities; at
+    # 1e-30 the quotient stays finite for any logit below 1e8 and the draw is greedy in effect
+    temperature = torch.tensor([max(p.temperature, 1e-30) for p in rows], device=device)[:, None]
     if len(sampled) == len(params):
         return sample_rows(torch.softmax(logits / temperature, dim=1), rows, streams)
     index = torch.tensor(sampled, device=device)
@@ -107,7 +109,7 @@ def sample_rows(probs: torch.Tensor, params: Sequence[SamplingParams], streams: 
         p, c, k, q = (probs, cdf, top_k, top_p) if index is None else (
             probs[index], cdf[index], top_k[index], top_p[index])
         uniforms = draw([streams[i] for i in todo], device).to(c.dtype)
-        pick = torch.searchsorted(c, below_total(uniforms, c[:, -1:]), right=True)
+        pick = torch.searchsorted(c, below_total(uniforms, c[:, -1:]), right=True).clamp_(max=vocab - 1)  # NaN
         if index is None:
             picks = pick[:, 0]
         else:
@@ -146,7 +148,7 @@ def sample_sorted(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
     keep[:, 0] = True
     kept = torch.where(keep, sorted_probs, 0.0).cumsum(dim=1)
     target = below_total(draw(streams, device).to(kept.dtype), kept[:, -1:])
-    pick = torch.searchsorted(kept, target, right=True)
+    pick = torch.searchsorted(kept, target, right=True).clamp_(max=kept.shape[1] - 1)  # NaN
     return order.gather(1, pick).squeeze(1)
 
 

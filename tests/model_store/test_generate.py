@@ -433,6 +433,14 @@ def test_a_uniform_that_rounds_to_one_never_picks_a_character_of_probability_zer
     assert pick != 3 and torch.softmax(logits, dim=1)[0, pick] > 0
 
 
+@pytest.mark.parametrize("top_k,top_p", [(0, 1.0), (3, 0.5)])
+def test_a_vanishing_temperature_samples_the_argmax(top_k, top_p):
+    # 5e-324 / any logit overflows float32: without care the probabilities would be NaN
+    logits = torch.tensor([[1.0, 2.0, 0.5, float("-inf")]]).repeat(8, 1)
+    params = [SamplingParams(temperature=5e-324, top_k=top_k, top_p=top_p)] * 8
+    assert sample_next(logits, params, None, [Uniforms(s) for s in range(8)]).tolist() == [1] * 8
+
+
 def test_a_rows_draws_do_not_depend_on_its_batch_mates_rejections():
     logits = torch.randn(4, 300, generator=torch.Generator().manual_seed(0)) * 3
     mine = SamplingParams(temperature=0.9, top_p=0.8)
