@@ -18,6 +18,13 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /app
 
+# a C compiler for the fused recurrent-cell kernels (model_store/kernels.py), which are built on
+# first use for the CPU the container runs on; without it the cells run as slower torch ops
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
+
 # torch first, from its own index: the largest layer, rebuilt only when its version changes
 RUN pip install --no-cache-dir --index-url "${TORCH_INDEX}" "torch==${TORCH_VERSION}"
 
@@ -25,7 +32,7 @@ RUN pip install --no-cache-dir --index-url "${TORCH_INDEX}" "torch==${TORCH_VERS
 COPY pyproject.toml README.md ./
 COPY app/ ./app/
 COPY training/ ./training/
-COPY model_store/*.py ./model_store/
+COPY model_store/*.py model_store/kernels.c ./model_store/
 RUN pip install --no-cache-dir . \
     && useradd --create-home --uid 10001 --shell /usr/sbin/nologin lyrics
 
@@ -35,7 +42,9 @@ USER 10001
 
 # Mount your own checkpoints over /models (or point LYRICS_MODEL_DIR elsewhere):
 #   docker run -v "$PWD/my-models:/models:ro" -p 8000:8000 lyrics
+# the kernels' build cache in /tmp: writable even where the root filesystem is read-only (deploy/k8s)
 ENV LYRICS_MODEL_DIR=/models \
+    LYRICS_KERNEL_CACHE=/tmp/lyrics-kernels \
     LYRICS_HOST=0.0.0.0 \
     LYRICS_PORT=8000 \
     LYRICS_DEVICE=auto

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from model_store import kernels
 from model_store.onednn import fixed, linear, weight_grad
 
 
@@ -90,6 +91,10 @@ def recurrence(cell, xg, h0, c0, w_hh, b_hh, packed_hh=None):
     else:
         def hidden(H):
             return linear(H, w_hh, b_hh)
+    if kernels.applies(xg, h0, c0, w_hh):
+        hs, cs, _ = kernels.forward(cell, xg.contiguous(), h0.contiguous(),
+                                    c0.contiguous() if c0 is not None else None, hidden, keep=False)
+        return hs, (cs[-1] if cs is not None else None)
     H, C = h0, c0
     hs = []
     for x_t in xg.unbind(0):
@@ -106,6 +111,13 @@ class Recurrence(torch.autograd.Function):
     def forward(ctx, cell, xg, h0, c0, w_hh, b_hh):
         step = CELLS[cell][0]
         hidden = fixed(w_hh, b_hh)  # H_{t-1} W_hh + b_hh, on oneDNN with W_hh packed once (onednn.py)
+        ctx.cell = cell
+        ctx.fused = kernels.applies(xg, h0, c0, w_hh)
+        if ctx.fused:  # each step's gate arithmetic in one C call (kernels.py)
+            h0, c0 = h0.contiguous(), c0.contiguous() if c0 is not None else None
+            hs, cs, saved = kernels.forward(cell, xg.contiguous(), h0, c0, hidden, keep=True)
+            ctx.save_for_backward(h0, c0, hs, cs, saved, w_hh)
+            return hs, cs[-1] if cs is not None else h0.new_zeros(())
         H, C = h0, c0
         hs, cs, saved = [], [], []
         for x_t in xg.unbind(0):
@@ -113,7 +125,7 @@ class Recurrence(torch.autograd.Function):
             H, C, s = step(x_t, hidden(H), H, C)
             hs.append(H)
             saved.append(s)
-        ctx.cell, ctx.saved, ctx.cs = cell, saved, cs
+        ctx.saved, ctx.cs = saved, cs
         ctx.autocast = (xg.device.type, torch.is_autocast_enabled(xg.device.type),
                         torch.get_autocast_dtype(xg.device.type))
         hs = torch.stack(hs)
@@ -122,6 +134,8 @@ class Recurrence(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, d_hs, d_c_last):
+        if ctx.fused:
+            return Recurrence.fused_backward(ctx, d_hs, d_c_last)
         h0, hs, w_hh = ctx.saved_tensors
         backward_step = CELLS[ctx.cell][1]
         device_type, autocast, dtype = ctx.autocast
@@ -144,3 +158,15 @@ class Recurrence(torch.autograd.Function):
         d_c0 = dC.to(h0.dtype) if dC is not None else None
         return (None, torch.stack(dxg), dH.to(h0.dtype), d_c0, d_w_hh.to(w_hh.dtype),
                 dhg.sum((0, 1)).to(w_hh.dtype))
+
+    @staticmethod
+    def fused_backward(ctx, d_hs, d_c_last):
+        h0, c0, hs, cs, saved, w_hh = ctx.saved_tensors
+        d_hs = torch.zeros_like(hs) if d_hs is None else d_hs.contiguous()
+        through_w_hh = fixed(w_hh.t(), None)  # dhg @ W_hh
+        dxg, dhg, d_h0, d_c0 = kernels.backward(ctx.cell, d_hs, d_c_last, h0, c0, hs, cs, saved, through_w_hh)
+        # W_hh's gradient: sum over steps of dhg_t^T H_{t-1}, the steps after the first in one matmul
+        d_w_hh = weight_grad(dhg[0], h0)
+        if len(hs) > 1:
+            d_w_hh += weight_grad(dhg[1:].flatten(0, 1), hs[:-1].flatten(0, 1))
+        return None, dxg, d_h0, d_c0, d_w_hh, dhg.sum((0, 1))

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model_store import onednn
+from model_store import kernels, onednn
 from model_store.cells import recurrence
 
 GATES = {"rnn": 1, "gru": 3, "lstm": 4}
@@ -124,9 +124,11 @@ class CharLM(nn.Module):
         """Keep copies of the weight matrices in oneDNN's layout for generation and scoring
         (model_store/onednn.py): the matrix products of a step without a gradient then run 2-3x
         faster on a CPU, and an inference step takes the `scratch` path, which uses them.
-        Training is unaffected. False where oneDNN is not available (or not a CPU)."""
+        Training is unaffected. False where oneDNN is not available (or not a CPU). Also builds
+        the fused cell kernels (kernels.py) now, so that a first request does not wait for that."""
         if not onednn.available() or self.dense.weight.device.type != "cpu":
             return False
+        kernels.library()
         names = ["dense"] + [f"rnn.weight_{kind}_l{layer}" for layer in range(self.config.num_layers)
                              for kind in ("ih", "hh") if layer or kind == "hh" or self.embedding is not None]
         params = dict(self.named_parameters(remove_duplicate=False))

@@ -25,9 +25,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
+from model_store import kernels
 from model_store.checkpoint import finite_or_none, save_checkpoint
 from model_store.generate import generate
 from model_store.model import CharLM, ModelConfig
@@ -121,10 +121,12 @@ def paths_for(out: str | Path) -> dict[str, Path]:
 def make_optimizer(cfg: TrainConfig, model: CharLM) -> torch.optim.Optimizer:
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    # Adam's fused kernel updates each tensor in one pass: ~10x faster than its per-tensor loop on a CPU
+    fused = all(p.device.type in ("cpu", "cuda") and p.dtype == torch.float32 for p in model.parameters())
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        return torch.optim.Adam(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=fused)
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        return torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=fused)
     raise ValueError(f"optimizer must be 'sgd', 'adam' or 'adamw', not {cfg.optimizer!r}")
 
 
@@ -185,11 +187,9 @@ def train_epoch(model: CharLM, optimizer: torch.optim.Optimizer, corpus: Corpus,
         state = None if cfg.sampling == "random" else detach_state(state)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
             logits, state = model(X, state)
-        # the loss in float32: a bfloat16 log-softmax over the vocabulary visibly slows convergence
-        log_probs = F.log_softmax(logits.float().reshape(-1, vocab_size), dim=-1)
-        nll = F.nll_loss(log_probs, Y.reshape(-1))
-        # label smoothing, written out so the reported perplexity stays the plain one
-        loss = (1 - cfg.label_smoothing) * nll - cfg.label_smoothing * log_probs.mean() if cfg.label_smoothing else nll
+        # the loss in float32 (a bfloat16 log-softmax over the vocabulary visibly slows convergence);
+        # nll without label smoothing, for the reported perplexity
+        loss, nll = kernels.cross_entropy(logits.reshape(-1, vocab_size), Y.reshape(-1), cfg.label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         norm_sum += clip_gradients(params, cfg.clip)

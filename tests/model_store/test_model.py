@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from model_store import kernels
 from model_store.model import CharLM, ModelConfig
 from model_store.vocab import one_hot
 
@@ -27,6 +28,15 @@ def random_state(model: CharLM, batch: int, seed=2):
 
 def states(state):
     return list(state) if isinstance(state, tuple) else [state]
+
+
+@pytest.fixture(params=["C kernels", "torch ops"])
+def steps_by(request, monkeypatch):
+    """Runs a test with the scratch cells' step arithmetic in the C kernels and as torch ops."""
+    if request.param == "C kernels" and kernels.library() is None:
+        pytest.skip("the C kernels could not be built here (no C compiler?)")
+    monkeypatch.setattr(kernels, "ENABLED", request.param == "C kernels")
+    return request.param
 
 
 # Input step -------------------------------------------------------------------------------
@@ -68,7 +78,7 @@ CASES = list(itertools.product(["rnn", "gru", "lstm"], [1, 2, 3]))
 
 @pytest.mark.parametrize("cell,num_layers", CASES)
 @pytest.mark.parametrize("initial", ["zero", "random"])
-def test_scratch_and_fused_give_the_same_logits_and_final_state(make_model, cell, num_layers, initial):
+def test_scratch_and_fused_give_the_same_logits_and_final_state(make_model, cell, num_layers, initial, steps_by):
     model = make_model(cell, vocab_size=V, hidden_size=10, num_layers=num_layers, embed_size=6, dropout=0.3,
                        std=0.4, seed=num_layers)
     x = random_inputs(batch=3, steps=9)
@@ -95,7 +105,7 @@ def test_a_non_zero_initial_state_changes_the_output(make_model):
 
 
 @pytest.mark.parametrize("cell", ["rnn", "gru", "lstm"])
-def test_state_carried_across_calls_equals_one_call(make_model, cell):
+def test_state_carried_across_calls_equals_one_call(make_model, cell, steps_by):
     model = make_model(cell, vocab_size=V, hidden_size=10, num_layers=2, embed_size=0, std=0.4)
     x = random_inputs(steps=10)
     whole, whole_state = model(x)
@@ -107,7 +117,7 @@ def test_state_carried_across_calls_equals_one_call(make_model, cell):
 
 
 @pytest.mark.parametrize("cell,num_layers", [(c, n) for c in ("rnn", "gru", "lstm") for n in (1, 3)])
-def test_scratch_backpropagation_through_time_equals_autograd_through_torch_nn(make_model, cell, num_layers):
+def test_scratch_backpropagation_through_time_equals_autograd_through_torch_nn(make_model, cell, num_layers, steps_by):
     """scratch's hand-written backward (cells.py) against autograd through torch.nn's modules,
     with gradient flowing from the logits, from the final state and into the initial state."""
     model = make_model(cell, vocab_size=V, hidden_size=8, num_layers=num_layers, embed_size=5, std=0.4)
@@ -270,7 +280,7 @@ def test_packed_weights_give_the_same_logits_and_state_within_float32_rounding(m
 
 
 @pytest.mark.parametrize("cell,num_layers,embed_size", PACK_CASES)
-def test_with_packed_weights_a_rows_result_does_not_depend_on_its_batch(make_model, cell, num_layers, embed_size):
+def test_with_packed_weights_a_rows_result_does_not_depend_on_its_batch(make_model, cell, num_layers, embed_size, steps_by):
     # bit for bit: what lets a request served in a batch of any size get exactly what it gets alone
     _, packed = packed_copy(make_model, cell, num_layers, embed_size)
     inputs, state = random_inputs(batch=40, steps=3), random_state(packed, 40)

@@ -1,0 +1,161 @@
+/* One time step of each recurrent cell, fused: its forward (the gate arithmetic after the
+ * matmul H_{t-1} W_hh) and its backward (the derivative of that arithmetic), as one pass over
+ * the (rows, n) elements each instead of ~10 (forward) and ~20 (backward) torch kernels.
+ * The equations are those of cells.py, which is the reference and what runs without a C
+ * compiler; kernels.py compiles this file and calls it. Everything is float32, C-contiguous,
+ * `rows` x `n` (hidden size), gate blocks side by side in torch's order.
+ *
+ * Forward: xg = X_t W_x* + b_i* and hg = H_{t-1} W_h* + b_h* (rows, gates * n) -> h_out,
+ * c_out (LSTM), and `saved`, what the backward needs.
+ * Backward: the gradient reaching H_t is dmm (the previous backward step's product with
+ * W_hh) + d_direct (GRU: through Z * H_{t-1}) + d_hs (from the layer's output);
+ * it writes dxg (rows, gates * n), dhg where it differs from dxg (GRU), and the gradients
+ * passed on to step t-1 that bypass W_hh: d_direct_out (GRU), d_c_out (LSTM).
+ * Rows are looped one by one and kernels.py forbids peeling loops for alignment, so whether an
+ * element is computed by vector or scalar code depends only on its column: a row's result is
+ * bit for bit the same at every batch size. */
+#include <math.h>
+
+static inline float sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
+
+void rnn_forward(long rows, long n, const float *restrict xg, const float *restrict hg,
+                 float *restrict h_out) {
+    for (long b = 0; b < rows; b++)
+        for (long i = b * n; i < (b + 1) * n; i++)
+            h_out[i] = tanhf(xg[i] + hg[i]);
+}
+
+/* saved: the step's own output H_t */
+void rnn_backward(long rows, long n, const float *restrict dmm, const float *restrict d_hs,
+                  const float *restrict h, float *restrict dxg) {
+    for (long b = 0; b < rows; b++)
+        for (long i = b * n; i < (b + 1) * n; i++) {
+            float dh = dmm[i] + d_hs[i];
+            dxg[i] = dh * (1.0f - h[i] * h[i]);
+        }
+}
+
+/* saved (rows, 4n): R, Z, H_tilde, and hg's candidate block H_{t-1} W_hn + b_hn */
+void gru_forward(long rows, long n, const float *restrict xg, const float *restrict hg,
+                 const float *restrict h_prev, float *restrict h_out, float *restrict saved) {
+    for (long b = 0; b < rows; b++) {
+        const float *restrict x = xg + b * 3 * n, *restrict g = hg + b * 3 * n, *restrict hp = h_prev + b * n;
+        float *restrict h = h_out + b * n, *restrict s = saved + b * 4 * n;
+        for (long j = 0; j < n; j++) {
+            float r = sigmoid(x[j] + g[j]);
+            float z = sigmoid(x[n + j] + g[n + j]);
+            float ht = tanhf(x[2 * n + j] + r * g[2 * n + j]);
+            h[j] = ht + z * (hp[j] - ht);
+            s[j] = r;
+            s[n + j] = z;
+            s[2 * n + j] = ht;
+            s[3 * n + j] = g[2 * n + j];
+        }
+    }
+}
+
+void gru_backward(long rows, long n, const float *restrict dmm, const float *restrict d_direct,
+                  const float *restrict d_hs, const float *restrict h_prev, const float *restrict saved,
+                  float *restrict dxg, float *restrict dhg, float *restrict d_direct_out) {
+    for (long b = 0; b < rows; b++) {
+        const float *restrict s = saved + b * 4 * n;
+        long k = b * n;
+        float *restrict dx = dxg + b * 3 * n, *restrict dg = dhg + b * 3 * n;
+        for (long j = 0; j < n; j++) {
+            float r = s[j], z = s[n + j], ht = s[2 * n + j], hn = s[3 * n + j];
+            float dh = dmm[k + j] + d_direct[k + j] + d_hs[k + j];
+            float d_cand = dh * (1.0f - z) * (1.0f - ht * ht);
+            float d_r = d_cand * hn * r * (1.0f - r);
+            float d_z = dh * (h_prev[k + j] - ht) * z * (1.0f - z);
+            dx[j] = dg[j] = d_r;
+            dx[n + j] = dg[n + j] = d_z;
+            dx[2 * n + j] = d_cand;
+            dg[2 * n + j] = d_cand * r;
+            d_direct_out[k + j] = dh * z;
+        }
+    }
+}
+
+/* saved (rows, 5n): the gates I, F, the candidate C_tilde, O, and tanh(C_t) */
+void lstm_forward(long rows, long n, const float *restrict xg, const float *restrict hg,
+                  const float *restrict c_prev, float *restrict h_out, float *restrict c_out,
+                  float *restrict saved) {
+    for (long b = 0; b < rows; b++) {
+        const float *restrict x = xg + b * 4 * n, *restrict g = hg + b * 4 * n;
+        long k = b * n;
+        float *restrict s = saved + b * 5 * n;
+        for (long j = 0; j < n; j++) {
+            float i = sigmoid(x[j] + g[j]);
+            float f = sigmoid(x[n + j] + g[n + j]);
+            float ct = tanhf(x[2 * n + j] + g[2 * n + j]);
+            float o = sigmoid(x[3 * n + j] + g[3 * n + j]);
+            float c = f * c_prev[k + j] + i * ct;
+            float tc = tanhf(c);
+            c_out[k + j] = c;
+            h_out[k + j] = o * tc;
+            s[j] = i;
+            s[n + j] = f;
+            s[2 * n + j] = ct;
+            s[3 * n + j] = o;
+            s[4 * n + j] = tc;
+        }
+    }
+}
+
+void lstm_backward(long rows, long n, const float *restrict dmm, const float *restrict d_hs,
+                   const float *restrict d_c, const float *restrict c_prev, const float *restrict saved,
+                   float *restrict dxg, float *restrict d_c_out) {
+    for (long b = 0; b < rows; b++) {
+        const float *restrict s = saved + b * 5 * n;
+        long k = b * n;
+        float *restrict dx = dxg + b * 4 * n;
+        for (long j = 0; j < n; j++) {
+            float i = s[j], f = s[n + j], ct = s[2 * n + j], o = s[3 * n + j], tc = s[4 * n + j];
+            float dh = dmm[k + j] + d_hs[k + j];
+            float dc = d_c[k + j] + dh * o * (1.0f - tc * tc);
+            dx[j] = dc * ct * i * (1.0f - i);
+            dx[n + j] = dc * c_prev[k + j] * f * (1.0f - f);
+            dx[2 * n + j] = dc * i * (1.0f - ct * ct);
+            dx[3 * n + j] = dh * tc * o * (1.0f - o);
+            d_c_out[k + j] = dc * f;
+        }
+    }
+}
+
+/* Softmax cross-entropy of `rows` rows of `V` logits against `targets`, with label smoothing
+ * `eps`: per row the negative log-likelihood (nll) and the mean log-probability over the
+ * vocabulary (mean_logp), and, where `dlogits` is given, the gradient of
+ * loss = (1 - eps) * mean(nll) - eps * mean(mean_logp), averaged over `count` rows:
+ * (p - eps / V - (1 - eps) * onehot(target)) / count. Each row stays in cache while it is read
+ * three times, where torch's log_softmax, nll_loss and their backward pass over the whole
+ * (rows, V) tensor about seven times. */
+void cross_entropy(long rows, long V, const float *restrict logits, const long *restrict targets, float eps,
+                   long count, float *restrict nll, float *restrict mean_logp, float *restrict dlogits) {
+    for (long b = 0; b < rows; b++) {
+        const float *restrict z = logits + b * V;
+        float m = z[0], total = 0.0f;
+        for (long j = 1; j < V; j++)
+            m = z[j] > m ? z[j] : m;
+        float sum = 0.0f;
+        if (dlogits) {
+            float *restrict d = dlogits + b * V;
+            for (long j = 0; j < V; j++) {
+                d[j] = expf(z[j] - m);
+                sum += d[j];
+                total += z[j];
+            }
+            float scale = 1.0f / (sum * count), shift = eps / (V * (float)count);
+            for (long j = 0; j < V; j++)
+                d[j] = d[j] * scale - shift;
+            d[targets[b]] -= (1.0f - eps) / count;
+        } else {
+            for (long j = 0; j < V; j++) {
+                sum += expf(z[j] - m);
+                total += z[j];
+            }
+        }
+        float lse = m + logf(sum);
+        nll[b] = lse - z[targets[b]];
+        mean_logp[b] = total / V - lse;
+    }
+}

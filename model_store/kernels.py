@@ -1,0 +1,219 @@
+"""The fused cell steps of kernels.c: compiled on first use, called through ctypes.
+
+A recurrent layer's step is one matmul and then a dozen element-wise torch ops (twenty in its
+backward) on small (batch, hidden) tensors, each paying torch's per-op overhead: at batch 32 and
+256 hidden the GRU's gate arithmetic took ~75 us per step forward against ~8 us fused. So on a
+CPU, in float32, the `scratch` recurrence (cells.py) runs each step's arithmetic here.
+
+The C file is compiled once per machine with the system's C compiler (`$CC`, else `cc`),
+optimised for the CPU it runs on, into `$LYRICS_KERNEL_CACHE` (default
+`~/.cache/lyrics-kernels`), named by a hash of the source, the flags and the CPU, and written
+atomically. Without a compiler, or with `LYRICS_KERNELS=0`, or for anything but float32 on a
+CPU outside autocast, the cells run as torch ops (cells.py): the same equations, slower.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("kernels.c")
+# -ffast-math lets gcc call glibc's vectorised expf/tanhf (libmvec); no peeling for alignment
+# keeps each element's code path a function of its column alone (see kernels.c). The link step
+# goes without -ffast-math: with it gcc links crtfastmath.o, whose start-up code switches the
+# whole process to flushing subnormal floats to zero.
+FLAGS = ["-O3", "-ffast-math", "-march=native", "--param", "vect-max-peeling-for-alignment=0", "-fPIC"]
+LIBS = ["-lmvec", "-lm"]
+SAVED_WIDTH = {"rnn": 0, "gru": 4, "lstm": 5}  # columns of `saved` per step, in units of hidden size
+
+_lock = threading.Lock()
+_library: ctypes.CDLL | None = None
+_tried = False
+
+
+def _cpu_signature() -> str:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.machine()
+    return platform.machine() + "".join(line for line in lines if line.startswith(("model name", "flags")))[:4000]
+
+
+def _compile() -> ctypes.CDLL:
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not compiler:
+        raise OSError("no C compiler (cc, gcc or $CC) found")
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(source + " ".join(FLAGS + LIBS).encode() + _cpu_signature().encode()).hexdigest()[:16]
+    cache = Path(os.environ.get("LYRICS_KERNEL_CACHE") or Path.home() / ".cache" / "lyrics-kernels")
+    target = cache / f"kernels-{key}.so"
+    if not target.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=cache, suffix=".so")
+        os.close(fd)
+        obj = tmp[:-3] + ".o"
+        try:
+            for command in ([compiler, *FLAGS, "-c", str(SOURCE), "-o", obj],
+                            [compiler, "-shared", obj, "-o", tmp, *LIBS]):
+                subprocess.run(command, check=True, capture_output=True, text=True, timeout=120)
+            os.replace(tmp, target)  # atomic: another process sees the whole library or none
+        except subprocess.CalledProcessError as exc:
+            raise OSError(f"{compiler} failed: {exc.stderr.strip()[-500:]}") from exc
+        finally:
+            for path in (tmp, obj):
+                if os.path.exists(path):
+                    os.unlink(path)
+    library = ctypes.CDLL(str(target))
+    pointers = {"rnn_forward": 3, "rnn_backward": 4, "gru_forward": 5, "gru_backward": 8,
+                "lstm_forward": 6, "lstm_backward": 7}
+    for name, count in pointers.items():
+        getattr(library, name).argtypes = [ctypes.c_long, ctypes.c_long] + [ctypes.c_void_p] * count
+    library.cross_entropy.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_float,
+                                      ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+    for name in [*pointers, "cross_entropy"]:
+        getattr(library, name).restype = None
+    return library
+
+
+def library() -> ctypes.CDLL | None:
+    """The compiled kernels, or None where they cannot be built (logged once) or are switched off."""
+    global _library, _tried
+    if not ENABLED:
+        return None
+    with _lock:
+        if not _tried:
+            _tried = True
+            try:
+                _library = _compile()
+            except (OSError, subprocess.SubprocessError) as exc:
+                log.warning("fused cell kernels unavailable, the cells run as torch ops: %s", exc)
+    return _library
+
+
+def applies(*tensors: torch.Tensor | None) -> bool:
+    """Whether the kernels run a step on these tensors: float32 on a CPU, outside autocast."""
+    return (ENABLED and not torch.is_autocast_enabled("cpu")
+            and all(t is None or (t.device.type == "cpu" and t.dtype == torch.float32) for t in tensors)
+            and library() is not None)
+
+
+class Steps:
+    """Addresses of step t's slices of (steps, batch, width) tensors, for the kernels' pointer arguments."""
+
+    def __init__(self, tensor: torch.Tensor | None):
+        self.base = tensor.data_ptr() if tensor is not None else None
+        self.stride = tensor.stride(0) * tensor.element_size() if tensor is not None else 0
+
+    def __getitem__(self, t: int) -> int | None:
+        return None if self.base is None else self.base + t * self.stride
+
+
+def forward(cell: str, xg: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor | None, hidden, keep: bool):
+    """All steps of one layer: xg (steps, batch, gates * n) contiguous; hidden(H) = H W_hh^T + b_hh.
+    Returns every step's H (steps, batch, n), every step's C (LSTM, else None) and, with `keep`,
+    what the backward needs (steps, batch, width * n) (else None)."""
+    lib = library()
+    steps, rows, n = xg.shape[0], h0.shape[0], h0.shape[1]
+    hs = xg.new_empty(steps, rows, n)
+    cs = xg.new_empty(steps, rows, n) if cell == "lstm" else None
+    width = SAVED_WIDTH[cell]
+    saved = xg.new_empty(steps if keep else 1, rows, width * n) if width else None
+    X, Hs, Cs, S = Steps(xg), Steps(hs), Steps(cs), Steps(saved)
+    H, h_ptr, c_ptr = h0, h0.data_ptr(), c0.data_ptr() if c0 is not None else None
+    for t in range(steps):
+        hg = hidden(H)
+        if cell == "rnn":
+            lib.rnn_forward(rows, n, X[t], hg.data_ptr(), Hs[t])
+        elif cell == "gru":
+            lib.gru_forward(rows, n, X[t], hg.data_ptr(), h_ptr, Hs[t], S[t if keep else 0])
+        else:
+            lib.lstm_forward(rows, n, X[t], hg.data_ptr(), c_ptr, Hs[t], Cs[t], S[t if keep else 0])
+            c_ptr = Cs[t]
+        H, h_ptr = hs[t], Hs[t]
+    return hs, cs, (saved if keep else None)
+
+
+def backward(cell: str, d_hs: torch.Tensor, d_c_last: torch.Tensor | None, h0: torch.Tensor, c0, hs, cs, saved,
+             through_w_hh):
+    """Backpropagation through the steps of `forward`. d_hs (steps, batch, n): the gradient of every
+    step's H from above; d_c_last: of the last C (LSTM). through_w_hh(d) = d W_hh. Returns the
+    gradients of xg and of the products H_{t-1} W_hh^T (both (steps, batch, gates * n); one tensor
+    where they are equal), and of h0 and c0."""
+    lib = library()
+    steps, rows, n = hs.shape
+    gates = d_hs.new_empty(steps, rows, {"rnn": 1, "gru": 3, "lstm": 4}[cell] * n)
+    dxg = gates
+    dhg = torch.empty_like(gates) if cell == "gru" else gates
+    zeros = torch.zeros_like(h0)
+    ping, pong = torch.zeros_like(h0), torch.empty_like(h0)  # GRU: d_direct; LSTM: dC, in and out
+    if cell == "lstm" and d_c_last is not None:
+        ping.copy_(d_c_last)
+    D, Hs, Cs, S, DX, DG = Steps(d_hs), Steps(hs), Steps(cs), Steps(saved), Steps(dxg), Steps(dhg)
+    dmm = zeros
+    for t in range(steps - 1, -1, -1):
+        h_prev = Hs[t - 1] if t else h0.data_ptr()
+        if cell == "rnn":
+            lib.rnn_backward(rows, n, dmm.data_ptr(), D[t], Hs[t], DX[t])
+        elif cell == "gru":
+            lib.gru_backward(rows, n, dmm.data_ptr(), ping.data_ptr(), D[t], h_prev, S[t], DX[t], DG[t],
+                             pong.data_ptr())
+        else:
+            c_prev = Cs[t - 1] if t else c0.data_ptr()
+            lib.lstm_backward(rows, n, dmm.data_ptr(), D[t], ping.data_ptr(), c_prev, S[t], DX[t], pong.data_ptr())
+        ping, pong = pong, ping
+        dmm = through_w_hh(dhg[t])
+    d_h0 = dmm + ping if cell == "gru" else dmm
+    d_c0 = ping if cell == "lstm" else None
+    return dxg, dhg, d_h0, d_c0
+
+
+class CrossEntropy(torch.autograd.Function):
+    """Mean softmax cross-entropy of logits (rows, V) against targets (rows,), label-smoothed by
+    `eps`, in one C pass per row (kernels.c). The gradient is computed with the loss, when one
+    will be wanted, so the backward only scales it. Returns (loss, mean nll); the nll is for
+    reporting and carries no gradient."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, eps):
+        logits, targets = logits.contiguous(), targets.contiguous()
+        rows, vocab = logits.shape
+        nll, mean_logp = logits.new_empty(rows), logits.new_empty(rows)
+        dlogits = torch.empty_like(logits) if ctx.needs_input_grad[0] else None
+        library().cross_entropy(rows, vocab, logits.data_ptr(), targets.data_ptr(), eps, rows, nll.data_ptr(),
+                                mean_logp.data_ptr(), dlogits.data_ptr() if dlogits is not None else None)
+        ctx.save_for_backward(dlogits)
+        nll = nll.mean()
+        loss = (1 - eps) * nll - eps * mean_logp.mean() if eps else nll.clone()
+        ctx.mark_non_differentiable(nll)
+        return loss, nll
+
+    @staticmethod
+    def backward(ctx, d_loss, d_nll):
+        (dlogits,) = ctx.saved_tensors
+        return dlogits if float(d_loss) == 1.0 else dlogits * d_loss, None, None
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0):
+    """(loss, mean nll) of logits (rows, V) against targets (rows,): loss = (1 - eps) * nll - eps *
+    the mean log-probability over the vocabulary (label smoothing eps, with the plain nll kept for
+    the perplexity). The C kernel where it applies, else torch's log_softmax (in float32)."""
+    if applies(logits) and targets.dtype == torch.int64:
+        return CrossEntropy.apply(logits, targets, float(label_smoothing))
+    log_probs = torch.nn.functional.log_softmax(logits.float(), dim=-1)
+    nll = torch.nn.functional.nll_loss(log_probs, targets)
+    return ((1 - label_smoothing) * nll - label_smoothing * log_probs.mean() if label_smoothing else nll), nll
+
+
+ENABLED = os.environ.get("LYRICS_KERNELS", "1") != "0"  # tests switch it off to compare with the torch cells

@@ -1,0 +1,115 @@
+"""The fused C cell steps (model_store/kernels.c): built once, the same equations as cells.py,
+and a clean fallback to torch ops where they cannot be built."""
+
+import logging
+
+import pytest
+import torch
+
+from model_store import cells, kernels
+
+
+@pytest.fixture
+def built():
+    if kernels.library() is None:
+        pytest.skip("the C kernels could not be built here (no C compiler?)")
+
+
+@pytest.fixture
+def fresh_build(monkeypatch, tmp_path):
+    """kernels.py as in a new process, with its cache in tmp_path."""
+    monkeypatch.setattr(kernels, "_tried", False)
+    monkeypatch.setattr(kernels, "_library", None)
+    monkeypatch.setenv("LYRICS_KERNEL_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def test_loading_the_kernels_leaves_subnormal_floats_alone(built):
+    # linking with -ffast-math would switch the whole process to flush-to-zero
+    assert torch.tensor(1e-40).item() != 0.0
+    assert (torch.tensor([1e-38]) / 100).item() != 0.0
+
+
+@pytest.mark.parametrize("cell", ["rnn", "gru", "lstm"])
+def test_a_layer_forward_equals_the_torch_cell_equations(built, cell):
+    g = torch.Generator().manual_seed(0)
+    gates, steps, batch, n = {"rnn": 1, "gru": 3, "lstm": 4}[cell], 6, 5, 19  # 19: vector body and scalar tail
+    xg = torch.randn(steps, batch, gates * n, generator=g)
+    h0, c0 = torch.randn(batch, n, generator=g), torch.randn(batch, n, generator=g) if cell == "lstm" else None
+    w_hh, b_hh = torch.randn(gates * n, n, generator=g) * 0.3, torch.randn(gates * n, generator=g)
+    with torch.no_grad():
+        hs, c_last = cells.recurrence(cell, xg, h0, c0, w_hh, b_hh)
+        step = cells.CELLS[cell][0]
+        H, C = h0, c0
+        for t in range(steps):
+            H, C, _ = step(xg[t], H @ w_hh.T + b_hh, H, C)
+            torch.testing.assert_close(hs[t], H, rtol=1e-5, atol=1e-6)
+        if cell == "lstm":
+            torch.testing.assert_close(c_last, C, rtol=1e-5, atol=1e-6)
+
+
+def test_kernels_are_built_once_into_the_cache(fresh_build):
+    if kernels.library() is None:
+        pytest.skip("the C kernels could not be built here (no C compiler?)")
+    built = list(fresh_build.glob("kernels-*.so"))
+    assert len(built) == 1 and not list(fresh_build.glob("*.o"))  # no leftovers
+    mtime = built[0].stat().st_mtime_ns
+    kernels._tried = False
+    assert kernels.library() is not None
+    assert built[0].stat().st_mtime_ns == mtime  # reused, not rebuilt
+
+
+def test_without_a_compiler_the_cells_run_as_torch_ops(fresh_build, monkeypatch, make_model, caplog):
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    inputs = torch.randint(0, 12, (3, 8), generator=torch.Generator().manual_seed(1))
+    model = make_model("gru", num_layers=2, embed_size=0).train()
+    with caplog.at_level(logging.WARNING, logger="model_store.kernels"):
+        assert not kernels.applies(torch.zeros(1))
+    assert "torch ops" in caplog.text and "/nonexistent/cc" in caplog.text
+    logits, _ = model(inputs)
+    logits.sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_kernels_do_not_apply_outside_float32_on_a_cpu(built):
+    x = torch.zeros(2, 3)
+    assert kernels.applies(x)
+    assert not kernels.applies(x.double())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not kernels.applies(x)
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_cross_entropy_equals_torchs_loss_and_gradient(built, eps):
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(37, 53, generator=g) * 3).requires_grad_()
+    targets = torch.randint(0, 53, (37,), generator=g)
+    log_probs = torch.log_softmax(logits, -1)
+    nll_ref = torch.nn.functional.nll_loss(log_probs, targets)
+    loss_ref = (1 - eps) * nll_ref - eps * log_probs.mean()
+    (2.5 * loss_ref).backward()  # a gradient other than 1 reaching the loss
+    grad_ref, logits.grad = logits.grad, None
+    loss, nll = kernels.cross_entropy(logits, targets, eps)
+    (2.5 * loss).backward()
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(nll, nll_ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(logits.grad, grad_ref, rtol=1e-5, atol=1e-7)
+    assert not nll.requires_grad
+
+
+@pytest.mark.parametrize("cell", ["rnn", "gru", "lstm"])
+def test_a_training_step_with_the_kernels_matches_one_with_torch_ops(built, make_model, monkeypatch, cell):
+    # the model's recurrence and the loss, forward and backward, both ways
+    inputs = torch.randint(0, 12, (4, 9), generator=torch.Generator().manual_seed(1))
+    grads, losses = [], []
+    for enabled in (True, False):
+        monkeypatch.setattr(kernels, "ENABLED", enabled)
+        model = make_model(cell, num_layers=2, embed_size=0).train()
+        logits, _ = model(inputs)
+        loss, _ = kernels.cross_entropy(logits.reshape(-1, 12), inputs.roll(-1, 1).reshape(-1), 0.1)
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-6, atol=1e-6)
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-6, msg=name)
