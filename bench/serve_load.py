@@ -38,6 +38,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from model_store.checkpoint import load_checkpoint  # noqa: E402
+from model_store.kernels import argmax  # noqa: E402
 from training.train import TrainConfig, train  # noqa: E402
 
 PREFIXES = ["分开", "不分开", "你说", "手中的铅笔", "窗外的麻雀", "我用几行字", "天青色等烟雨", "故事的小黄花"]
@@ -119,7 +120,8 @@ async def drive(url: str, concurrency: int, requests: int, mode: dict, model: st
 
 
 def model_step_ceiling(path: Path, batch: int, steps: int = 300) -> float:
-    """Characters/s of the bare batched step: lookup + GRU cell + dense + argmax, no sampler, no server."""
+    """Characters/s of the bare batched step: lookup + GRU cell + dense + argmax (the service's own, for greedy
+    rows), no sampler, no server."""
     model = load_checkpoint(path, "cpu", pack=True).model  # as the service loads it
     with torch.inference_mode():
         ids = torch.zeros(batch, dtype=torch.long)
@@ -129,7 +131,7 @@ def model_step_ceiling(path: Path, batch: int, steps: int = 300) -> float:
         began = time.perf_counter()
         for _ in range(steps):
             logits, state = model(ids[:, None], state)
-            ids = logits[:, -1].argmax(dim=1)
+            ids = argmax(logits[:, -1])
         return batch * steps / (time.perf_counter() - began)
 
 

@@ -82,7 +82,8 @@ def _compile() -> ctypes.CDLL:
         getattr(library, name).argtypes = [ctypes.c_long, ctypes.c_long] + [ctypes.c_void_p] * count
     library.cross_entropy.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_float,
                                       ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
-    for name in [*pointers, "cross_entropy"]:
+    library.argmax_rows.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]
+    for name in [*pointers, "cross_entropy", "argmax_rows"]:
         getattr(library, name).restype = None
     return library
 
@@ -145,6 +146,26 @@ def forward(cell: str, xg: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor | No
     return hs, cs, (saved if keep else None)
 
 
+def step(cell: str, xg: torch.Tensor, h: torch.Tensor, c: torch.Tensor | None, hidden):
+    """One step of one layer, without a gradient (a generation step): xg (rows, gates * n), h and c
+    (rows, n), all contiguous; hidden(H) = H W_hh^T + b_hh. Returns the new H and C (LSTM, else None)."""
+    lib = library()
+    rows, n = h.shape
+    hg = hidden(h)
+    h_new = torch.empty_like(h)
+    if cell == "rnn":
+        lib.rnn_forward(rows, n, xg.data_ptr(), hg.data_ptr(), h_new.data_ptr())
+        return h_new, None
+    saved = h.new_empty(rows, SAVED_WIDTH[cell] * n)  # written, not needed
+    if cell == "gru":
+        lib.gru_forward(rows, n, xg.data_ptr(), hg.data_ptr(), h.data_ptr(), h_new.data_ptr(), saved.data_ptr())
+        return h_new, None
+    c_new = torch.empty_like(c)
+    lib.lstm_forward(rows, n, xg.data_ptr(), hg.data_ptr(), c.data_ptr(), h_new.data_ptr(), c_new.data_ptr(),
+                     saved.data_ptr())
+    return h_new, c_new
+
+
 def backward(cell: str, d_hs: torch.Tensor, d_c_last: torch.Tensor | None, h0: torch.Tensor, c0, hs, cs, saved,
              through_w_hh):
     """Backpropagation through the steps of `forward`. d_hs (steps, batch, n): the gradient of every
@@ -177,6 +198,17 @@ def backward(cell: str, d_hs: torch.Tensor, d_c_last: torch.Tensor | None, h0: t
     d_h0 = dmm + ping if cell == "gru" else dmm
     d_c0 = ping if cell == "lstm" else None
     return dxg, dhg, d_h0, d_c0
+
+
+def argmax(logits: torch.Tensor) -> torch.Tensor:
+    """The index of each row's largest value (the first on ties) of finite or -inf logits (rows, V):
+    the C kernel where it applies, else torch's argmax."""
+    if not applies(logits):
+        return logits.argmax(dim=1)
+    logits = logits.contiguous()
+    out = torch.empty(logits.shape[0], dtype=torch.long)
+    library().argmax_rows(logits.shape[0], logits.shape[1], logits.data_ptr(), out.data_ptr())
+    return out
 
 
 class CrossEntropy(torch.autograd.Function):

@@ -96,6 +96,7 @@ class CharLM(nn.Module):
             self.dense.weight = self.embedding.weight
         self.impl = impl
         self.packed: dict[str, onednn.PackedLinear] = {}  # see pack()
+        self.input_table: InputTable | None = None  # see pack()
 
     @property
     def impl(self) -> str:
@@ -136,6 +137,7 @@ class CharLM(nn.Module):
             weight = params[name + ".weight"] if name == "dense" else params[name]
             bias = params["dense.bias"] if name == "dense" else params[name.replace("weight", "bias")]
             self.packed[name] = onednn.PackedLinear(weight, bias)
+        self.input_table = InputTable(self)
         return True
 
     @property
@@ -156,6 +158,8 @@ class CharLM(nn.Module):
             state = self.init_state(inputs.shape[0], inputs.device)
         # DropConnect needs the per-step path, which takes W_hh as an argument; so do packed weights
         packed_step = self.packed and not torch.is_grad_enabled() and inputs.device.type == "cpu"
+        if packed_step and inputs.shape[1] == 1 and not self.training and kernels.applies(self.dense.weight):
+            return self._generation_step(inputs[:, 0], state)
         if self.impl == "fused" and not (self.training and self.config.weight_drop) and not packed_step:
             hiddens, state = self.rnn(self.drop(self.embedding(inputs)), state)
         else:
@@ -176,6 +180,8 @@ class CharLM(nn.Module):
         transposed). Gathering columns of the contiguous weight, not rows of its transpose, makes
         the lookup and its gradient about 2x faster."""
         w_ih, b_ih = self.rnn.weight_ih_l0, self.rnn.bias_ih_l0
+        if self.input_table is not None and not torch.is_grad_enabled() and not self.training:
+            return self.input_table.lookup(inputs)
         if self.embedding is None:
             batch, steps = inputs.shape
             columns = w_ih.index_select(1, inputs.t().reshape(-1))  # (gates * hidden, steps * batch)
@@ -206,3 +212,54 @@ class CharLM(nn.Module):
             c_out.append(C)
         new_state = (torch.stack(h_out), torch.stack(c_out)) if cell == "lstm" else torch.stack(h_out)
         return layer_input, new_state
+
+    def _generation_step(self, ids: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        """One step of a packed model without a gradient, on a CPU: `_scratch`'s arithmetic (the
+        input table, the packed products, the fused cells) with less around it, for generation,
+        which makes one such call per character."""
+        cell = self.config.cell
+        h_all, c_all = state if cell == "lstm" else (state, None)
+        x = self.input_table.lookup(ids[:, None])[:, 0]
+        h_out, c_out = [], []
+        for layer in range(self.config.num_layers):
+            if layer:
+                x = self.packed[f"rnn.weight_ih_l{layer}"](h_out[-1])
+            c = c_all[layer].contiguous() if c_all is not None else None
+            H, C = kernels.step(cell, x, h_all[layer].contiguous(), c, self.packed[f"rnn.weight_hh_l{layer}"])
+            h_out.append(H)
+            c_out.append(C)
+        logits = self.packed["dense"](h_out[-1])[:, None]
+        return logits, (torch.stack(h_out), torch.stack(c_out)) if cell == "lstm" else torch.stack(h_out)
+
+
+class InputTable:
+    """A packed model's first-layer input gates for every vocabulary entry, (vocab, gates * hidden):
+    X W_ih^T + b_ih of the one-hot or embedded character, computed once, so that a generation
+    step's input is one row lookup instead of a gather, a transpose and a bias addition (or an
+    embedding and a product). The same arithmetic row by row, so a lookup equals the computed
+    gates. Rebuilt when a weight it was made from changes in place."""
+
+    def __init__(self, model: CharLM):
+        self.model = model
+        self.sources = [model.rnn.weight_ih_l0, model.rnn.bias_ih_l0]
+        if model.embedding is not None:
+            self.sources.append(model.embedding.weight)
+        self.build()
+
+    def build(self) -> None:
+        model, training = self.model, self.model.training
+        model.input_table = None  # computed the ordinary way, without dropout
+        with torch.no_grad():
+            model.eval()
+            every = torch.arange(model.config.vocab_size, device=model.dense.weight.device)[:, None]
+            self.table = model.input_gates(every)[:, 0].contiguous()
+            model.train(training)
+        self.versions = [onednn.version(t) for t in self.sources]
+        model.input_table = self
+
+    def lookup(self, inputs: torch.Tensor) -> torch.Tensor:
+        """(batch, steps, gates * hidden), laid out time-major in memory, like CharLM.input_gates."""
+        if [onednn.version(t) for t in self.sources] != self.versions:
+            self.build()
+        batch, steps = inputs.shape
+        return self.table.index_select(0, inputs.t().reshape(-1)).view(steps, batch, -1).transpose(0, 1)

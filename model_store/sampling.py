@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from model_store import kernels
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -72,7 +74,7 @@ def sample_next(logits: torch.Tensor, params: Sequence[SamplingParams], seen: to
         logits = torch.where(seen, penalised, logits)
     sampled = [i for i, p in enumerate(params) if p.temperature > 0]
     if not sampled:
-        return logits.argmax(dim=1)
+        return kernels.argmax(logits)
     rows = [params[i] for i in sampled]
     # a temperature so small that logits / temperature overflows would give NaN probabilities; at
     # 1e-30 the quotient stays finite for any logit below 1e8 and the draw is greedy in effect
@@ -80,7 +82,7 @@ def sample_next(logits: torch.Tensor, params: Sequence[SamplingParams], seen: to
     if len(sampled) == len(params):
         return sample_rows(torch.softmax(logits / temperature, dim=1), rows, streams)
     index = torch.tensor(sampled, device=device)
-    choice = logits.argmax(dim=1)
+    choice = kernels.argmax(logits)
     choice[index] = sample_rows(torch.softmax(logits[index] / temperature, dim=1), rows, [streams[i] for i in sampled])
     return choice
 

@@ -113,3 +113,14 @@ def test_a_training_step_with_the_kernels_matches_one_with_torch_ops(built, make
     torch.testing.assert_close(losses[0], losses[1], rtol=1e-6, atol=1e-6)
     for name in grads[0]:
         torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("vocab", [1, 7, 64, 65, 200])
+def test_argmax_equals_torchs_with_ties_and_masked_logits(built, vocab):
+    g = torch.Generator().manual_seed(vocab)
+    logits = torch.randint(-3, 3, (50, vocab), generator=g).float()  # many ties: the first one wins
+    logits[0] = -float("inf")  # everything masked
+    logits[1, vocab // 2:] = -float("inf")
+    logits[2, -1] = 9.0  # the maximum in the last, partial block
+    assert torch.equal(kernels.argmax(logits), logits.argmax(dim=1))
+    assert torch.equal(kernels.argmax(logits[:0]), logits[:0].argmax(dim=1))
