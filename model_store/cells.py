@@ -113,6 +113,8 @@ class Recurrence(torch.autograd.Function):
         hidden = fixed(w_hh, b_hh)  # H_{t-1} W_hh + b_hh, on oneDNN with W_hh packed once (onednn.py)
         ctx.cell = cell
         ctx.fused = kernels.applies(xg, h0, c0, w_hh)
+        ctx.autocast = (xg.device.type, torch.is_autocast_enabled(xg.device.type),
+                        torch.get_autocast_dtype(xg.device.type))
         if ctx.fused:  # each step's gate arithmetic in one C call (kernels.py)
             h0, c0 = h0.contiguous(), c0.contiguous() if c0 is not None else None
             hs, cs, saved = kernels.forward(cell, xg.contiguous(), h0, c0, hidden, keep=True)
@@ -126,8 +128,6 @@ class Recurrence(torch.autograd.Function):
             hs.append(H)
             saved.append(s)
         ctx.saved, ctx.cs = saved, cs
-        ctx.autocast = (xg.device.type, torch.is_autocast_enabled(xg.device.type),
-                        torch.get_autocast_dtype(xg.device.type))
         hs = torch.stack(hs)
         ctx.save_for_backward(h0, hs, w_hh)
         return hs, C if C is not None else h0.new_zeros(())
@@ -162,11 +162,13 @@ class Recurrence(torch.autograd.Function):
     @staticmethod
     def fused_backward(ctx, d_hs, d_c_last):
         h0, c0, hs, cs, saved, w_hh = ctx.saved_tensors
-        d_hs = torch.zeros_like(hs) if d_hs is None else d_hs.contiguous()
-        through_w_hh = fixed(w_hh.t(), None)  # dhg @ W_hh
-        dxg, dhg, d_h0, d_c0 = kernels.backward(ctx.cell, d_hs, d_c_last, h0, c0, hs, cs, saved, through_w_hh)
-        # W_hh's gradient: sum over steps of dhg_t^T H_{t-1}, the steps after the first in one matmul
-        d_w_hh = weight_grad(dhg[0], h0)
-        if len(hs) > 1:
-            d_w_hh += weight_grad(dhg[1:].flatten(0, 1), hs[:-1].flatten(0, 1))
+        device_type, autocast, dtype = ctx.autocast
+        d_hs = torch.zeros_like(hs) if d_hs is None else d_hs.float().contiguous()
+        with torch.autocast(device_type, dtype=dtype, enabled=autocast):  # as the forward ran
+            through_w_hh = fixed(w_hh.t(), None)  # dhg @ W_hh
+            dxg, dhg, d_h0, d_c0 = kernels.backward(ctx.cell, d_hs, d_c_last, h0, c0, hs, cs, saved, through_w_hh)
+            # W_hh's gradient: sum over steps of dhg_t^T H_{t-1}, the steps after the first in one matmul
+            d_w_hh = weight_grad(dhg[0], h0).float()
+            if len(hs) > 1:
+                d_w_hh += weight_grad(dhg[1:].flatten(0, 1), hs[:-1].flatten(0, 1))
         return None, dxg, d_h0, d_c0, d_w_hh, dhg.sum((0, 1))

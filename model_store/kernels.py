@@ -9,7 +9,9 @@ The C file is compiled once per machine with the system's C compiler (`$CC`, els
 optimised for the CPU it runs on, into `$LYRICS_KERNEL_CACHE` (default
 `~/.cache/lyrics-kernels`), named by a hash of the source, the flags and the CPU, and written
 atomically. Without a compiler, or with `LYRICS_KERNELS=0`, or for anything but float32 on a
-CPU outside autocast, the cells run as torch ops (cells.py): the same equations, slower.
+CPU, the cells run as torch ops (cells.py): the same equations, slower. Under bfloat16 autocast
+the matmuls run in bfloat16 as autocast has them, and the step arithmetic in float32, as the torch
+cells' would.
 """
 
 from __future__ import annotations
@@ -104,9 +106,8 @@ def library() -> ctypes.CDLL | None:
 
 
 def applies(*tensors: torch.Tensor | None) -> bool:
-    """Whether the kernels run a step on these tensors: float32 on a CPU, outside autocast."""
-    return (ENABLED and not torch.is_autocast_enabled("cpu")
-            and all(t is None or (t.device.type == "cpu" and t.dtype == torch.float32) for t in tensors)
+    """Whether the kernels run on these tensors: float32 on a CPU."""
+    return (ENABLED and all(t is None or (t.device.type == "cpu" and t.dtype == torch.float32) for t in tensors)
             and library() is not None)
 
 
@@ -134,7 +135,7 @@ def forward(cell: str, xg: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor | No
     X, Hs, Cs, S = Steps(xg), Steps(hs), Steps(cs), Steps(saved)
     H, h_ptr, c_ptr = h0, h0.data_ptr(), c0.data_ptr() if c0 is not None else None
     for t in range(steps):
-        hg = hidden(H)
+        hg = hidden(H).float()  # bfloat16 under autocast
         if cell == "rnn":
             lib.rnn_forward(rows, n, X[t], hg.data_ptr(), Hs[t])
         elif cell == "gru":
@@ -151,7 +152,7 @@ def step(cell: str, xg: torch.Tensor, h: torch.Tensor, c: torch.Tensor | None, h
     (rows, n), all contiguous; hidden(H) = H W_hh^T + b_hh. Returns the new H and C (LSTM, else None)."""
     lib = library()
     rows, n = h.shape
-    hg = hidden(h)
+    hg = hidden(h).float()
     h_new = torch.empty_like(h)
     if cell == "rnn":
         lib.rnn_forward(rows, n, xg.data_ptr(), hg.data_ptr(), h_new.data_ptr())
@@ -194,7 +195,7 @@ def backward(cell: str, d_hs: torch.Tensor, d_c_last: torch.Tensor | None, h0: t
             c_prev = Cs[t - 1] if t else c0.data_ptr()
             lib.lstm_backward(rows, n, dmm.data_ptr(), D[t], ping.data_ptr(), c_prev, S[t], DX[t], pong.data_ptr())
         ping, pong = pong, ping
-        dmm = through_w_hh(dhg[t])
+        dmm = through_w_hh(dhg[t]).float()
     d_h0 = dmm + ping if cell == "gru" else dmm
     d_c0 = ping if cell == "lstm" else None
     return dxg, dhg, d_h0, d_c0
@@ -241,9 +242,10 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: 
     """(loss, mean nll) of logits (rows, V) against targets (rows,): loss = (1 - eps) * nll - eps *
     the mean log-probability over the vocabulary (label smoothing eps, with the plain nll kept for
     the perplexity). The C kernel where it applies, else torch's log_softmax (in float32)."""
+    logits = logits.float()  # bfloat16 logits too: a bfloat16 log-softmax slows convergence visibly
     if applies(logits) and targets.dtype == torch.int64:
         return CrossEntropy.apply(logits, targets, float(label_smoothing))
-    log_probs = torch.nn.functional.log_softmax(logits.float(), dim=-1)
+    log_probs = torch.nn.functional.log_softmax(logits, dim=-1)
     nll = torch.nn.functional.nll_loss(log_probs, targets)
     return ((1 - label_smoothing) * nll - label_smoothing * log_probs.mean() if label_smoothing else nll), nll
 

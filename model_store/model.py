@@ -204,7 +204,10 @@ class CharLM(nn.Module):
                 xg = self.linear(f"rnn.weight_ih_l{layer}", self.drop(layer_input),
                                  getattr(self.rnn, f"weight_ih_l{layer}"), getattr(self.rnn, f"bias_ih_l{layer}"))
             h0, c0 = h_all[layer], (c_all[layer] if c_all is not None else None)
-            hs, c_last = recurrence(cell, xg.transpose(0, 1).contiguous(), h0, c0, w_hh, b_hh,
+            # gate arithmetic in the state's dtype: under bfloat16 autocast a layer's input product is
+            # bfloat16 while the state stays float32 (and torch's lerp refuses to mix them)
+            xg = xg.transpose(0, 1).contiguous().to(h0.dtype)
+            hs, c_last = recurrence(cell, xg, h0, c0, w_hh, b_hh,
                                     self.packed.get(f"rnn.weight_hh_l{layer}"))
             layer_input = hs.transpose(0, 1)
             H, C = hs[-1], (c_last if cell == "lstm" else None)
