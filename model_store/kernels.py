@@ -95,6 +95,8 @@ def library() -> ctypes.CDLL | None:
     global _library, _tried
     if not ENABLED:
         return None
+    if _tried:
+        return _library
     with _lock:
         if not _tried:
             _tried = True

@@ -222,7 +222,7 @@ class CharLM(nn.Module):
         which makes one such call per character."""
         cell = self.config.cell
         h_all, c_all = state if cell == "lstm" else (state, None)
-        x = self.input_table.lookup(ids[:, None])[:, 0]
+        x = self.input_table.rows(ids)
         h_out, c_out = [], []
         for layer in range(self.config.num_layers):
             if layer:
@@ -232,7 +232,8 @@ class CharLM(nn.Module):
             h_out.append(H)
             c_out.append(C)
         logits = self.packed["dense"](h_out[-1])[:, None]
-        return logits, (torch.stack(h_out), torch.stack(c_out)) if cell == "lstm" else torch.stack(h_out)
+        stack = (lambda layers: layers[0][None]) if len(h_out) == 1 else torch.stack
+        return logits, (stack(h_out), stack(c_out)) if cell == "lstm" else stack(h_out)
 
 
 class InputTable:
@@ -262,7 +263,11 @@ class InputTable:
 
     def lookup(self, inputs: torch.Tensor) -> torch.Tensor:
         """(batch, steps, gates * hidden), laid out time-major in memory, like CharLM.input_gates."""
+        batch, steps = inputs.shape
+        return self.rows(inputs.t().reshape(-1)).view(steps, batch, -1).transpose(0, 1)
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """(len(ids), gates * hidden): the table's rows at ids (1-d)."""
         if [onednn.version(t) for t in self.sources] != self.versions:
             self.build()
-        batch, steps = inputs.shape
-        return self.table.index_select(0, inputs.t().reshape(-1)).view(steps, batch, -1).transpose(0, 1)
+        return self.table.index_select(0, ids)
