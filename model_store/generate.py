@@ -85,6 +85,11 @@ class Row:
     def push(self, char: str, index: int) -> str:
         """Append one generated character; return the text that is now safe to show ('' if none)."""
         self.text += char
+        if not self.stop and self.tracker is None and self.ngrams is None:  # the common case, per row and step
+            if len(self.text) >= self.max_chars:
+                self.finish = "length"
+            self.emitted = len(self.text)
+            return char
         if self.tracker is not None:
             self.tracker.push(index)
         if self.ngrams is not None:

@@ -185,3 +185,76 @@ void argmax_rows(long rows, long V, const float *restrict logits, long *restrict
         out[b] = j;
     }
 }
+
+/* One top-k/top-p draw for each of `count` rows (`index` into the batch), by inverse CDF over
+ * the row's whole distribution, kept when the pick survives: fewer than top_k characters are
+ * likelier than it and their mass is below top_p (sampling.py's `sample_fused` calls this once
+ * per round of its rejection loop; a row with top_p 1 and no top_k keeps its first draw). With
+ * `fresh`, the row's softmax(logits / temperature) is first written to `probs` (rows, V) and
+ * the running sums of its blocks of 64 to `cdf`; later rounds reuse them. The inverse CDF finds
+ * the block, then scans it: the sums stay vectorised and nothing is summed one character at a
+ * time but inside one block. The target u * total stays strictly below the total, so a
+ * character of probability zero is never picked. Writes picks[index[i]] and ok[i]. */
+#define BLOCK 64
+void sample_rows(long count, long V, const long *restrict index, const float *restrict logits,
+                 const float *restrict temperature, const long *restrict top_k, const float *restrict top_p,
+                 const double *restrict uniforms, int fresh, float *restrict probs, float *restrict cdf,
+                 long *restrict picks, unsigned char *restrict ok) {
+    long blocks = (V + BLOCK - 1) / BLOCK;
+    for (long i = 0; i < count; i++) {
+        long b = index[i];
+        float *restrict p = probs + b * V, *restrict cum = cdf + b * V;
+        if (fresh) {
+            const float *restrict z = logits + b * V;
+            float t = temperature[b];
+            for (long j = 0; j < V; j++)
+                p[j] = z[j] / t;
+            float m = p[0], sum = 0.0f;
+            for (long j = 1; j < V; j++)
+                m = p[j] > m ? p[j] : m;
+            for (long j = 0; j < V; j++) {
+                p[j] = expf(p[j] - m);
+                sum += p[j];
+            }
+            float scale = 1.0f / sum, running = 0.0f;
+            for (long k = 0; k < blocks; k++) {
+                long end = (k + 1) * BLOCK < V ? (k + 1) * BLOCK : V;
+                float part = 0.0f;
+                for (long j = k * BLOCK; j < end; j++) {
+                    p[j] *= scale;
+                    part += p[j];
+                }
+                running += part;
+                cum[k] = running;
+            }
+        }
+        float total = cum[blocks - 1];
+        float target = (float)uniforms[i] * total;
+        float below = nextafterf(total, 0.0f);
+        target = target < below ? target : below;
+        long k = 0;
+        while (cum[k] <= target)  /* the first block whose running sum passes the target */
+            k++;
+        long start = k * BLOCK, end = start + BLOCK < V ? start + BLOCK : V, pick = -1, last = start;
+        float running = k ? cum[k - 1] : 0.0f;
+        for (long j = start; j < end; j++) {
+            if (p[j] > 0.0f)
+                last = j;
+            running += p[j];
+            if (running > target) {
+                pick = j;
+                break;
+            }
+        }
+        if (pick < 0 || p[pick] <= 0.0f)  /* the in-block sum fell short of the block's by rounding */
+            pick = last;
+        picks[b] = pick;
+        float chosen = p[pick], mass = 0.0f;
+        long likelier = 0;
+        for (long j = 0; j < V; j++) {
+            mass += p[j] > chosen ? p[j] : 0.0f;
+            likelier += p[j] > chosen;
+        }
+        ok[i] = (top_p[b] >= 1.0f || mass < top_p[b]) && likelier < top_k[b];
+    }
+}

@@ -85,7 +85,9 @@ def _compile() -> ctypes.CDLL:
     library.cross_entropy.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_float,
                                       ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
     library.argmax_rows.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]
-    for name in [*pointers, "cross_entropy", "argmax_rows"]:
+    library.sample_rows.argtypes = ([ctypes.c_long, ctypes.c_long] + [ctypes.c_void_p] * 6 + [ctypes.c_int]
+                                    + [ctypes.c_void_p] * 4)
+    for name in [*pointers, "cross_entropy", "argmax_rows", "sample_rows"]:
         getattr(library, name).restype = None
     return library
 
@@ -212,6 +214,34 @@ def argmax(logits: torch.Tensor) -> torch.Tensor:
     out = torch.empty(logits.shape[0], dtype=torch.long)
     library().argmax_rows(logits.shape[0], logits.shape[1], logits.data_ptr(), out.data_ptr())
     return out
+
+
+class Sampler:
+    """The rounds of sampling.py's rejection sampler for one batch of logits (rows, V), in C: the
+    first round computes each row's probabilities and cumulative sums, later rounds redraw the
+    rejected rows from them (see kernels.c, `sample_rows`)."""
+
+    def __init__(self, logits: torch.Tensor, temperature, top_k, top_p):
+        self.logits = logits.contiguous()
+        rows, vocab = self.logits.shape
+        self.temperature = torch.tensor(temperature, dtype=torch.float32)
+        self.top_k = torch.tensor(top_k, dtype=torch.long)
+        self.top_p = torch.tensor(top_p, dtype=torch.float32)
+        self.probs, self.cdf = torch.empty(rows, vocab), torch.empty(rows, vocab)
+        self.picks = torch.empty(rows, dtype=torch.long)
+        self.fresh = True
+
+    def round(self, rows: list[int], uniforms: list[float]) -> list[bool]:
+        """Draw for `rows` (batch indices) with one uniform each; whether each draw survived."""
+        index = torch.tensor(rows, dtype=torch.long)
+        u = torch.tensor(uniforms, dtype=torch.float64)
+        ok = torch.empty(len(rows), dtype=torch.uint8)
+        library().sample_rows(len(rows), self.logits.shape[1], index.data_ptr(), self.logits.data_ptr(),
+                              self.temperature.data_ptr(), self.top_k.data_ptr(), self.top_p.data_ptr(),
+                              u.data_ptr(), int(self.fresh), self.probs.data_ptr(), self.cdf.data_ptr(),
+                              self.picks.data_ptr(), ok.data_ptr())
+        self.fresh = False
+        return [bool(v) for v in ok.tolist()]
 
 
 class CrossEntropy(torch.autograd.Function):

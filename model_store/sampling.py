@@ -75,6 +75,8 @@ def sample_next(logits: torch.Tensor, params: Sequence[SamplingParams], seen: to
     sampled = [i for i, p in enumerate(params) if p.temperature > 0]
     if not sampled:
         return kernels.argmax(logits)
+    if kernels.applies(logits):
+        return sample_fused(logits, params, sampled, streams)
     rows = [params[i] for i in sampled]
     # a temperature so small that logits / temperature overflows would give NaN probabilities; at
     # 1e-30 the quotient stays finite for any logit below 1e8 and the draw is greedy in effect
@@ -127,6 +129,32 @@ def sample_rows(probs: torch.Tensor, params: Sequence[SamplingParams], streams: 
             return picks
     index = torch.tensor(todo, device=device)
     picks[index] = sample_sorted(probs[index], top_k[index], top_p[index], [streams[i] for i in todo])
+    return picks
+
+
+def sample_fused(logits: torch.Tensor, params: Sequence[SamplingParams], sampled: list[int],
+                 streams: Sequence[Uniforms | None], rounds: int = 4) -> torch.Tensor:
+    """`sample_rows`'s rejection sampling for the rows in `sampled`, each round in one C call
+    (kernels.Sampler: the softmax, the inverse-CDF draw and the survivor check in one pass per
+    row), the rest greedy. A row that is not top-k/top-p restricted keeps its first draw."""
+    vocab = logits.shape[1]
+    sampler = kernels.Sampler(logits, [max(p.temperature, 1e-30) for p in params],
+                              [p.top_k or vocab for p in params], [p.top_p for p in params])
+    todo = sampled
+    for _ in range(rounds):
+        survived = sampler.round(todo, [streams[i].next() for i in todo])
+        todo = [i for i, good in zip(todo, survived, strict=True) if not good]
+        if not todo:
+            break
+    picks = sampler.picks
+    if todo:
+        index = torch.tensor(todo)
+        picks[index] = sample_sorted(sampler.probs[index], sampler.top_k[index, None], sampler.top_p[index, None],
+                                     [streams[i] for i in todo])
+    if len(sampled) < len(params):
+        greedy = torch.ones(len(params), dtype=torch.bool)
+        greedy[sampled] = False
+        picks = torch.where(greedy, kernels.argmax(logits), picks)
     return picks
 
 

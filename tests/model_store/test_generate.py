@@ -4,6 +4,7 @@ from collections import Counter
 import pytest
 import torch
 
+from model_store import kernels
 from model_store.generate import Generation, generate
 from model_store.model import CharLM, ModelConfig
 from model_store.sampling import SamplingParams, Uniforms, sample_next
@@ -330,6 +331,14 @@ PROBS = torch.tensor([0.4, 0.25, 0.15, 0.1, 0.06, 0.04])
 N_DRAWS = 20000
 
 
+@pytest.fixture(params=["C kernels", "torch ops"])
+def sampler(request, monkeypatch):
+    """Runs a test with the sampler's rounds in C (kernels.Sampler) and as torch ops."""
+    if request.param == "C kernels" and kernels.library() is None:
+        pytest.skip("the C kernels could not be built here (no C compiler?)")
+    monkeypatch.setattr(kernels, "ENABLED", request.param == "C kernels")
+
+
 def draw(params: SamplingParams, logits_row: torch.Tensor = PROBS.log(), seed=0) -> Counter:
     """N_DRAWS draws from one logits row (one row per draw, all sharing one random stream)."""
     g = Uniforms(seed)
@@ -343,7 +352,7 @@ def assert_frequencies(counts: Counter, probs: torch.Tensor, tol=0.015):
         assert abs(counts[i] / N_DRAWS - p) < tol, (i, counts[i] / N_DRAWS, p)
 
 
-def test_temperature_1_samples_the_softmax():
+def test_temperature_1_samples_the_softmax(sampler):
     # shuffled order: the sampler must map back from sorted order correctly
     perm = torch.tensor([3, 0, 5, 1, 4, 2])
     probs = PROBS[perm]
@@ -352,20 +361,20 @@ def test_temperature_1_samples_the_softmax():
     assert_frequencies(counts, probs)
 
 
-def test_temperature_scales_the_logits_before_the_softmax():
+def test_temperature_scales_the_logits_before_the_softmax(sampler):
     logits = PROBS.log()
     counts = draw(SamplingParams(temperature=0.5), logits)
     assert_frequencies(counts, torch.softmax(logits / 0.5, dim=0))
 
 
-def test_top_k_2_only_ever_picks_the_two_likeliest():
+def test_top_k_2_only_ever_picks_the_two_likeliest(sampler):
     counts = draw(SamplingParams(temperature=1.0, top_k=2))
     assert set(counts) == {0, 1}
     assert_frequencies(counts, torch.tensor([0.4, 0.25]) / 0.65)
 
 
 @pytest.mark.parametrize("top_p,survivors", [(0.3, 1), (0.6, 2), (0.7, 3), (0.85, 4), (0.95, 5), (1.0, 6)])
-def test_top_p_keeps_the_smallest_set_that_reaches_p(top_p, survivors):
+def test_top_p_keeps_the_smallest_set_that_reaches_p(top_p, survivors, sampler):
     # cumulative: 0.4, 0.65, 0.8, 0.9, 0.96, 1.0
     counts = draw(SamplingParams(temperature=1.0, top_p=top_p))
     assert set(counts) == set(range(survivors))
@@ -373,7 +382,7 @@ def test_top_p_keeps_the_smallest_set_that_reaches_p(top_p, survivors):
     assert_frequencies(counts, kept / kept.sum())
 
 
-def test_each_row_uses_its_own_settings_and_stream():
+def test_each_row_uses_its_own_settings_and_stream(sampler):
     logits = PROBS.log().repeat(3, 1)
     params = [SamplingParams(), SamplingParams(temperature=1.0, top_k=1), SamplingParams(temperature=1.0)]
     picks = [sample_next(logits, params, None, [None, Uniforms(1), Uniforms(s)]).tolist()
@@ -406,7 +415,7 @@ def nucleus(probs: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("top_k,top_p", [(0, 0.9), (0, 0.5), (5, 1.0), (40, 0.9), (2, 1.0), (0, 0.05)])
-def test_sampling_by_rejection_draws_the_survivors_distribution(top_k, top_p):
+def test_sampling_by_rejection_draws_the_survivors_distribution(top_k, top_p, sampler):
     # 50 characters, a peaked distribution: survivors are accepted at the first try (top_p 0.9) or
     # after several (top_k 2, top_p 0.05: the sorted fallback takes the rows rejected four times)
     logits = torch.randn(50, generator=torch.Generator().manual_seed(3)) * 2

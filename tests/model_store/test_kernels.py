@@ -130,3 +130,33 @@ def test_argmax_equals_torchs_with_ties_and_masked_logits(built, vocab):
     logits[2, -1] = 9.0  # the maximum in the last, partial block
     assert torch.equal(kernels.argmax(logits), logits.argmax(dim=1))
     assert torch.equal(kernels.argmax(logits[:0]), logits[:0].argmax(dim=1))
+
+
+class AlmostOne:
+    """A uniform stream stuck just below 1 (it rounds to 1 in float32)."""
+
+    def next(self) -> float:
+        return 1 - 2 ** -60
+
+
+@pytest.mark.parametrize("top_p", [1.0, 0.9])
+def test_the_c_sampler_never_picks_a_masked_character(built, top_p):
+    from model_store.sampling import SamplingParams, sample_next
+
+    logits = torch.randn(5, 300, generator=torch.Generator().manual_seed(0))
+    logits[:, 150:] = -float("inf")  # the last drawable character is 149
+    params = [SamplingParams(temperature=0.7, top_p=top_p)] * 5
+    picks = sample_next(logits, params, None, [AlmostOne()] * 5)
+    assert bool((picks < 150).all()), picks
+
+
+def test_a_sampled_row_is_the_same_in_any_batch(built):
+    from model_store.sampling import SamplingParams, Uniforms, sample_next
+
+    logits = torch.randn(9, 500, generator=torch.Generator().manual_seed(1)) * 3
+    params = [SamplingParams(temperature=0.8, top_p=0.9, top_k=40 * (i % 2))
+              if i % 3 else SamplingParams() for i in range(9)]  # greedy rows mixed in
+    whole = sample_next(logits, params, None, [Uniforms(i) for i in range(9)])
+    for i in range(9):
+        alone = sample_next(logits[i:i + 1], params[i:i + 1], None, [Uniforms(i)])
+        assert int(alone) == int(whole[i])
