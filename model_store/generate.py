@@ -34,7 +34,7 @@ class Completion:
 def prefill(model: CharLM, ids: Sequence[int], device=None) -> tuple[torch.Tensor, State]:
     """Run the whole prefix through the model in one call: last logits (1, vocab) and state."""
     device = device or model.dense.weight.device
-    logits, state = model(torch.tensor([list(ids)], device=device))
+    logits, state = model(torch.tensor([list(ids)], device=device), last_only=True)
     return logits[:, -1], state
 
 
@@ -122,7 +122,7 @@ def prefill_rows(model: CharLM, generations: Sequence[Generation]) -> tuple[torc
                 whole[:, i] = part[:, 0].to(device)
             seen[i] = g.start.seen.to(device)
         seen[i, torch.tensor(g.ids, device=device)] = True
-    logits, state = model(torch.tensor([g.ids for g in generations], device=device), start)
+    logits, state = model(torch.tensor([g.ids for g in generations], device=device), start, last_only=True)
     counts = torch.tensor([g.n for g in generations], device=device)
     index = torch.repeat_interleave(torch.arange(len(generations), device=device), counts)
     return logits[:, -1].index_select(0, index), select_state(state, index), seen.index_select(0, index)
@@ -263,7 +263,9 @@ class Generation:
             seen |= self.start.seen.cpu()
         seen[self.ids] = True
         with torch.no_grad():
-            state = self.model(torch.tensor([self.ids[:-1]], device=device), start)[1] if len(self.ids) > 1 else start
+            state = start
+            if len(self.ids) > 1:
+                state = self.model(torch.tensor([self.ids[:-1]], device=device), start, last_only=True)[1]
         return snapshot(state, self.ids[-1], seen)
 
     def __iter__(self) -> Iterator[Delta]:

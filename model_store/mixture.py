@@ -135,11 +135,12 @@ class MixtureLM(nn.Module):
     def split(state) -> tuple[torch.Tensor, ...]:
         return state if isinstance(state, tuple) else (state,)
 
-    def forward(self, inputs: torch.Tensor, state=None) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    def forward(self, inputs: torch.Tensor, state=None, last_only: bool = False) -> tuple[torch.Tensor, tuple]:
         probs, state = self.component_probs(inputs, state)
         weights = self.weights[probs.pop("bucket")]  # (batch, steps, 3)
         mixed = sum(weights[..., i, None] * probs[name] for i, name in enumerate(COMPONENTS) if name in probs)
-        return mixed.clamp(min=1e-30).log(), state
+        log_probs = mixed.clamp(min=1e-30).log()
+        return (log_probs[:, -1:] if last_only else log_probs), state
 
     def component_probs(self, inputs: torch.Tensor, state=None) -> tuple[dict[str, torch.Tensor], tuple]:
         """Each component's next-character distribution at every step ("ngram" only when there is

@@ -153,7 +153,10 @@ class CharLM(nn.Module):
         zeros = torch.zeros(c.num_layers, batch_size, c.hidden_size, device=device)
         return (zeros, zeros.clone()) if c.cell == "lstm" else zeros
 
-    def forward(self, inputs: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
+    def forward(self, inputs: torch.Tensor, state: State | None = None,
+                last_only: bool = False) -> tuple[torch.Tensor, State]:
+        """With `last_only`, the logits of the last step alone, (batch, 1, vocab): what a prefill
+        needs, without the output layer's work for every other position."""
         if state is None:
             state = self.init_state(inputs.shape[0], inputs.device)
         # DropConnect needs the per-step path, which takes W_hh as an argument; so do packed weights
@@ -164,6 +167,8 @@ class CharLM(nn.Module):
             hiddens, state = self.rnn(self.drop(self.embedding(inputs)), state)
         else:
             hiddens, state = self._scratch(inputs, state)
+        if last_only:
+            hiddens = hiddens[:, -1:].contiguous()
         return self.linear("dense", self.drop(hiddens), self.dense.weight, self.dense.bias), state
 
     def linear(self, name: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:

@@ -134,3 +134,13 @@ def test_a_mixture_without_an_ngram_must_not_weigh_one(mixture, tmp_path):
     assert torch.allclose(out.exp().sum(-1), torch.ones(len(TEXT)), atol=1e-5)
     save_checkpoint(tmp_path / "m.safetensors", no_ngram, VOCAB, "keep", {})
     assert torch.allclose(log_probs(load_checkpoint(tmp_path / "m.safetensors").model, TEXT), out, atol=1e-6)
+
+
+def test_last_only_gives_the_last_steps_prediction_and_the_same_state(mixture):
+    inputs = torch.tensor([VOCAB.encode(TEXT)])
+    with torch.no_grad():
+        whole, whole_state = mixture(inputs)
+        last, last_state = mixture(inputs, last_only=True)
+    assert last.shape == (1, 1, len(VOCAB))
+    assert torch.equal(last[:, 0], whole[:, -1])
+    assert all(torch.equal(a, b) for a, b in zip(last_state, whole_state, strict=True))

@@ -313,3 +313,19 @@ def test_a_weight_changed_after_packing_is_packed_again(make_model):
         after = packed(inputs)[0]
         assert not torch.allclose(before, after)
         torch.testing.assert_close(after, plain(inputs)[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("cell", ["rnn", "gru", "lstm"])
+@pytest.mark.parametrize("packed", [False, True])
+def test_last_only_gives_the_last_steps_logits_and_the_same_state(make_model, cell, packed):
+    # what a prefill asks for: no output layer for the positions before the last
+    model = make_model(cell, num_layers=2, embed_size=0).eval()
+    if packed and not model.pack():
+        pytest.skip("oneDNN is not available in this torch build")
+    inputs = random_inputs(batch=3, steps=6)
+    with torch.no_grad():
+        whole, whole_state = model(inputs)
+        last, last_state = model(inputs, last_only=True)
+    assert last.shape == (3, 1, 12)
+    torch.testing.assert_close(last[:, 0], whole[:, -1], rtol=0, atol=0 if packed else 1e-6)
+    assert all(torch.equal(a, b) for a, b in zip(states(last_state), states(whole_state), strict=True))
