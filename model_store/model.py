@@ -172,6 +172,11 @@ class CharLM(nn.Module):
         return self.linear("dense", self.drop(hiddens), self.dense.weight, self.dense.bias), state
 
     def linear(self, name: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """x W^T + b. A (batch, steps, features) x laid out time-major in memory (the recurrence's
+        output) is multiplied in that layout and the result handed back as the same kind of view:
+        oneDNN then reads and writes contiguous rows, and the gradients come back contiguous."""
+        if x.dim() == 3 and not x.is_contiguous() and x.transpose(0, 1).is_contiguous():
+            return onednn.linear(x.transpose(0, 1), weight, bias, self.packed.get(name)).transpose(0, 1)
         return onednn.linear(x, weight, bias, self.packed.get(name))
 
     def drop(self, x: torch.Tensor) -> torch.Tensor:

@@ -190,7 +190,6 @@ def train_epoch(model: CharLM, optimizer: torch.optim.Optimizer, corpus: Corpus,
     """One pass over the training ids: (mean loss, mean pre-clip gradient norm, characters)."""
     model.train()
     params = list(model.parameters())
-    vocab_size = len(corpus.vocab)  # model may be wrapped in DistributedDataParallel
     if cfg.sampling == "random":
         batches = data_iter_random(corpus.train_ids, cfg.batch_size, cfg.num_steps, rng, device)
     else:
@@ -205,7 +204,7 @@ def train_epoch(model: CharLM, optimizer: torch.optim.Optimizer, corpus: Corpus,
             logits, state = model(X, state)
         # the loss in float32 (a bfloat16 log-softmax over the vocabulary visibly slows convergence);
         # nll without label smoothing, for the reported perplexity
-        loss, nll = kernels.cross_entropy(logits.reshape(-1, vocab_size), Y.reshape(-1), cfg.label_smoothing)
+        loss, nll = kernels.cross_entropy(*flat_positions(logits, Y), cfg.label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         norm_sum += clip_gradients(params, cfg.clip)
@@ -217,6 +216,15 @@ def train_epoch(model: CharLM, optimizer: torch.optim.Optimizer, corpus: Corpus,
         raise CorpusError(f"the training part ({len(corpus.train_ids)} characters) is too short for one batch "
                           f"of {cfg.batch_size} x {cfg.num_steps}: lower --batch-size or --num-steps")
     return loss_sum / n_chars, norm_sum / n_batches, n_chars
+
+
+def flat_positions(logits: torch.Tensor, Y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits (batch, steps, vocab) as (positions, vocab) and targets as (positions,), in the order
+    the logits lie in memory: the loss is a mean over positions, and the scratch model's logits
+    are time-major underneath (CharLM.linear), so flattening them batch-major would copy them."""
+    if not logits.is_contiguous() and logits.transpose(0, 1).is_contiguous():
+        logits, Y = logits.transpose(0, 1), Y.t()
+    return logits.reshape(-1, logits.shape[-1]), Y.reshape(-1)
 
 
 def evaluate(model: CharLM, corpus: Corpus) -> float | None:

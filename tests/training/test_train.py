@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from model_store.checkpoint import load_checkpoint, read_metadata
 from model_store.model import CharLM, ModelConfig
 from training.corpus import CorpusError, load_corpus
-from training.train import clip_gradients, evaluate, paths_for, train
+from training.train import clip_gradients, evaluate, flat_positions, paths_for, train
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -386,3 +386,14 @@ def test_samples_are_logged_for_prefixes_in_the_vocabulary(tmp_path, corpus_file
     samples = [line for line in logs if "sample:" in line]
     assert len(samples) == 2 and samples[0].startswith("epoch 1 sample: '分开")
     assert any("'Zebra' skipped" in line for line in logs)
+
+
+@pytest.mark.parametrize("time_major", [False, True])
+def test_flat_positions_pairs_every_position_with_its_target_without_copying(time_major):
+    batch, steps, vocab = 3, 5, 7
+    logits = torch.randn(steps, batch, vocab).transpose(0, 1) if time_major else torch.randn(batch, steps, vocab)
+    Y = torch.randint(0, vocab, (batch, steps))
+    flat, targets = flat_positions(logits, Y)
+    assert flat.shape == (batch * steps, vocab) and flat.data_ptr() == logits.data_ptr()  # a view
+    pairs = {(tuple(row.tolist()), int(y)) for row, y in zip(flat, targets, strict=True)}
+    assert pairs == {(tuple(logits[b, t].tolist()), int(Y[b, t])) for b in range(batch) for t in range(steps)}
