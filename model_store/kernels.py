@@ -111,8 +111,12 @@ def library() -> ctypes.CDLL | None:
 
 def applies(*tensors: torch.Tensor | None) -> bool:
     """Whether the kernels run on these tensors: float32 on a CPU."""
-    return (ENABLED and all(t is None or (t.device.type == "cpu" and t.dtype == torch.float32) for t in tensors)
-            and library() is not None)
+    if not ENABLED or library() is None:
+        return False
+    for t in tensors:
+        if t is not None and (t.dtype != torch.float32 or t.device.type != "cpu"):
+            return False
+    return True
 
 
 class Steps:

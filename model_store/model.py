@@ -97,6 +97,7 @@ class CharLM(nn.Module):
         self.impl = impl
         self.packed: dict[str, onednn.PackedLinear] = {}  # see pack()
         self.input_table: InputTable | None = None  # see pack()
+        self.step_layers: list[tuple] = []  # see pack() and _generation_step()
 
     @property
     def impl(self) -> str:
@@ -138,6 +139,9 @@ class CharLM(nn.Module):
             bias = params["dense.bias"] if name == "dense" else params[name.replace("weight", "bias")]
             self.packed[name] = onednn.PackedLinear(weight, bias)
         self.input_table = InputTable(self)
+        if kernels.applies(self.dense.weight):  # each layer's packed input (above the first) and W_hh products
+            self.step_layers = [(self.packed.get(f"rnn.weight_ih_l{layer}") if layer else None,
+                                 self.packed[f"rnn.weight_hh_l{layer}"]) for layer in range(self.config.num_layers)]
         return True
 
     @property
@@ -159,10 +163,11 @@ class CharLM(nn.Module):
         needs, without the output layer's work for every other position."""
         if state is None:
             state = self.init_state(inputs.shape[0], inputs.device)
+        if (self.step_layers and inputs.shape[1] == 1 and not self.training and not torch.is_grad_enabled()
+                and inputs.device.type == "cpu" and kernels.ENABLED):
+            return self._generation_step(inputs[:, 0], state)
         # DropConnect needs the per-step path, which takes W_hh as an argument; so do packed weights
         packed_step = self.packed and not torch.is_grad_enabled() and inputs.device.type == "cpu"
-        if packed_step and inputs.shape[1] == 1 and not self.training and kernels.applies(self.dense.weight):
-            return self._generation_step(inputs[:, 0], state)
         if self.impl == "fused" and not (self.training and self.config.weight_drop) and not packed_step:
             hiddens, state = self.rnn(self.drop(self.embedding(inputs)), state)
         else:
@@ -234,11 +239,11 @@ class CharLM(nn.Module):
         h_all, c_all = state if cell == "lstm" else (state, None)
         x = self.input_table.rows(ids)
         h_out, c_out = [], []
-        for layer in range(self.config.num_layers):
+        for layer, (input_product, hidden_product) in enumerate(self.step_layers):
             if layer:
-                x = self.packed[f"rnn.weight_ih_l{layer}"](h_out[-1])
+                x = input_product(h_out[-1])
             c = c_all[layer].contiguous() if c_all is not None else None
-            H, C = kernels.step(cell, x, h_all[layer].contiguous(), c, self.packed[f"rnn.weight_hh_l{layer}"])
+            H, C = kernels.step(cell, x, h_all[layer].contiguous(), c, hidden_product)
             h_out.append(H)
             c_out.append(C)
         logits = self.packed["dense"](h_out[-1])[:, None]
