@@ -130,11 +130,22 @@ class Steps:
         return None if self.base is None else self.base + t * self.stride
 
 
+def cell_forward(cell: str, rows: int, n: int, x: int, hg: int, h: int, c: int | None, h_out: int,
+                 c_out: int | None, saved: int | None) -> None:
+    """One step of `cell` on raw addresses (see kernels.c): x, hg -> h_out (and c_out, saved)."""
+    lib = library()
+    if cell == "rnn":
+        lib.rnn_forward(rows, n, x, hg, h_out)
+    elif cell == "gru":
+        lib.gru_forward(rows, n, x, hg, h, h_out, saved)
+    else:
+        lib.lstm_forward(rows, n, x, hg, c, h_out, c_out, saved)
+
+
 def forward(cell: str, xg: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor | None, hidden, keep: bool):
     """All steps of one layer: xg (steps, batch, gates * n) contiguous; hidden(H) = H W_hh^T + b_hh.
     Returns every step's H (steps, batch, n), every step's C (LSTM, else None) and, with `keep`,
     what the backward needs (steps, batch, width * n) (else None)."""
-    lib = library()
     steps, rows, n = xg.shape[0], h0.shape[0], h0.shape[1]
     hs = xg.new_empty(steps, rows, n)
     cs = xg.new_empty(steps, rows, n) if cell == "lstm" else None
@@ -144,34 +155,22 @@ def forward(cell: str, xg: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor | No
     H, h_ptr, c_ptr = h0, h0.data_ptr(), c0.data_ptr() if c0 is not None else None
     for t in range(steps):
         hg = hidden(H).float()  # bfloat16 under autocast
-        if cell == "rnn":
-            lib.rnn_forward(rows, n, X[t], hg.data_ptr(), Hs[t])
-        elif cell == "gru":
-            lib.gru_forward(rows, n, X[t], hg.data_ptr(), h_ptr, Hs[t], S[t if keep else 0])
-        else:
-            lib.lstm_forward(rows, n, X[t], hg.data_ptr(), c_ptr, Hs[t], Cs[t], S[t if keep else 0])
-            c_ptr = Cs[t]
-        H, h_ptr = hs[t], Hs[t]
+        cell_forward(cell, rows, n, X[t], hg.data_ptr(), h_ptr, c_ptr, Hs[t], Cs[t], S[t if keep else 0])
+        H, h_ptr, c_ptr = hs[t], Hs[t], Cs[t]
     return hs, cs, (saved if keep else None)
 
 
 def step(cell: str, xg: torch.Tensor, h: torch.Tensor, c: torch.Tensor | None, hidden):
     """One step of one layer, without a gradient (a generation step): xg (rows, gates * n), h and c
     (rows, n), all contiguous; hidden(H) = H W_hh^T + b_hh. Returns the new H and C (LSTM, else None)."""
-    lib = library()
     rows, n = h.shape
     hg = hidden(h).float()
     h_new = torch.empty_like(h)
-    if cell == "rnn":
-        lib.rnn_forward(rows, n, xg.data_ptr(), hg.data_ptr(), h_new.data_ptr())
-        return h_new, None
-    saved = h.new_empty(rows, SAVED_WIDTH[cell] * n)  # written, not needed
-    if cell == "gru":
-        lib.gru_forward(rows, n, xg.data_ptr(), hg.data_ptr(), h.data_ptr(), h_new.data_ptr(), saved.data_ptr())
-        return h_new, None
-    c_new = torch.empty_like(c)
-    lib.lstm_forward(rows, n, xg.data_ptr(), hg.data_ptr(), c.data_ptr(), h_new.data_ptr(), c_new.data_ptr(),
-                     saved.data_ptr())
+    c_new = torch.empty_like(c) if cell == "lstm" else None
+    saved = h.new_empty(rows, SAVED_WIDTH[cell] * n) if SAVED_WIDTH[cell] else None  # written, not needed
+    cell_forward(cell, rows, n, xg.data_ptr(), hg.data_ptr(), h.data_ptr(), c.data_ptr() if c is not None else None,
+                 h_new.data_ptr(), c_new.data_ptr() if c_new is not None else None,
+                 saved.data_ptr() if saved is not None else None)
     return h_new, c_new
 
 
