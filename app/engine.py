@@ -125,7 +125,8 @@ class Scheduler:
                     waiting = self.admissible()
                 posts: dict[asyncio.AbstractEventLoop, list] = defaultdict(list)
                 try:
-                    self.admit(waiting, posts)
+                    if waiting:
+                        self.admit(waiting, posts)
                     self.retire_stopped(posts)
                     if self.batch.rows:
                         self.step(posts)

@@ -203,8 +203,7 @@ class Batch:
             chosen = chosen[torch.tensor(live, dtype=torch.long, device=chosen.device)]
             self.keep(live, logits=False)
         if self.rows:
-            step_logits, self.state = self.model(chosen[:, None], self.state)
-            self.logits = step_logits[:, -1]
+            self.logits, self.state = self.model.step(chosen, self.state)
         return produced
 
 

@@ -135,6 +135,11 @@ class MixtureLM(nn.Module):
     def split(state) -> tuple[torch.Tensor, ...]:
         return state if isinstance(state, tuple) else (state,)
 
+    def step(self, ids: torch.Tensor, state) -> tuple[torch.Tensor, tuple]:
+        """One generation step, as CharLM.step: ids (batch,) -> log-probabilities (batch, vocab), state."""
+        log_probs, state = self(ids[:, None], state)
+        return log_probs[:, -1], state
+
     def forward(self, inputs: torch.Tensor, state=None, last_only: bool = False) -> tuple[torch.Tensor, tuple]:
         probs, state = self.component_probs(inputs, state)
         weights = self.weights[probs.pop("bucket")]  # (batch, steps, 3)

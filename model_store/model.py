@@ -163,8 +163,7 @@ class CharLM(nn.Module):
         needs, without the output layer's work for every other position."""
         if state is None:
             state = self.init_state(inputs.shape[0], inputs.device)
-        if (self.step_layers and inputs.shape[1] == 1 and not self.training and not torch.is_grad_enabled()
-                and inputs.device.type == "cpu" and kernels.ENABLED):
+        if inputs.shape[1] == 1 and self.fast_step(inputs.device):
             return self._generation_step(inputs[:, 0], state)
         # DropConnect needs the per-step path, which takes W_hh as an argument; so do packed weights
         packed_step = self.packed and not torch.is_grad_enabled() and inputs.device.type == "cpu"
@@ -175,6 +174,22 @@ class CharLM(nn.Module):
         if last_only:
             hiddens = hiddens[:, -1:].contiguous()
         return self.linear("dense", self.drop(hiddens), self.dense.weight, self.dense.bias), state
+
+    def step(self, ids: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        """One generation step: ids (batch,) -> next-character logits (batch, vocab) and the new
+        state; `forward` on one position, called directly on the packed CPU path (it runs once
+        per character, so nn.Module's call machinery is worth skipping)."""
+        if self.fast_step(ids.device):
+            logits, state = self._generation_step(ids, state)
+        else:
+            logits, state = self(ids[:, None], state)
+        return logits[:, -1], state
+
+    def fast_step(self, device: torch.device) -> bool:
+        """Whether a one-position call takes `_generation_step`: packed with the kernels built, on a
+        CPU, in eval mode, without a gradient."""
+        return (bool(self.step_layers) and not self.training and not torch.is_grad_enabled()
+                and device.type == "cpu" and kernels.ENABLED)
 
     def linear(self, name: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         """x W^T + b. A (batch, steps, features) x laid out time-major in memory (the recurrence's

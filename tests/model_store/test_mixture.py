@@ -144,3 +144,13 @@ def test_last_only_gives_the_last_steps_prediction_and_the_same_state(mixture):
     assert last.shape == (1, 1, len(VOCAB))
     assert torch.equal(last[:, 0], whole[:, -1])
     assert all(torch.equal(a, b) for a, b in zip(last_state, whole_state, strict=True))
+
+
+def test_step_equals_a_one_position_forward(mixture):
+    state = mixture.init_state(2)
+    ids = torch.tensor(VOCAB.encode(TEXT[:2]))
+    with torch.no_grad():
+        log_probs, new_state = mixture.step(ids, state)
+        ref, ref_state = mixture(ids[:, None], state)
+    assert torch.equal(log_probs, ref[:, -1])
+    assert all(torch.equal(a, b) for a, b in zip(new_state, ref_state, strict=True))
