@@ -315,13 +315,18 @@ def test_a_weight_changed_after_packing_is_packed_again(make_model):
         torch.testing.assert_close(after, plain(inputs)[0], rtol=1e-5, atol=1e-5)
 
 
+def two_layer_model(make_model, cell: str, packed: bool) -> CharLM:
+    model = make_model(cell, num_layers=2, embed_size=0).eval()
+    if packed and not model.pack():
+        pytest.skip("oneDNN is not available in this torch build")
+    return model
+
+
 @pytest.mark.parametrize("cell", ["rnn", "gru", "lstm"])
 @pytest.mark.parametrize("packed", [False, True])
 def test_last_only_gives_the_last_steps_logits_and_the_same_state(make_model, cell, packed):
     # what a prefill asks for: no output layer for the positions before the last
-    model = make_model(cell, num_layers=2, embed_size=0).eval()
-    if packed and not model.pack():
-        pytest.skip("oneDNN is not available in this torch build")
+    model = two_layer_model(make_model, cell, packed)
     inputs = random_inputs(batch=3, steps=6)
     with torch.no_grad():
         whole, whole_state = model(inputs)
@@ -335,9 +340,7 @@ def test_last_only_gives_the_last_steps_logits_and_the_same_state(make_model, ce
 @pytest.mark.parametrize("packed", [False, True])
 def test_two_steps_equal_one_two_position_forward(make_model, cell, packed):
     # packed: `step` takes the one-step path, the two-position call the general one; bit for bit the same
-    model = make_model(cell, num_layers=2, embed_size=0).eval()
-    if packed and not model.pack():
-        pytest.skip("oneDNN is not available in this torch build")
+    model = two_layer_model(make_model, cell, packed)
     inputs, state = random_inputs(batch=4, steps=2), random_state(model, 4)
     with torch.no_grad():
         _, middle = model.step(inputs[:, 0], state)
