@@ -191,7 +191,7 @@ void argmax_rows(long rows, long V, const float *restrict logits, long *restrict
  * likelier than it and their mass is below top_p (sampling.py's `sample_fused` calls this once
  * per round of its rejection loop; a row with top_p 1 and no top_k keeps its first draw). With
  * `fresh`, the row's softmax(logits / temperature) is first written to `probs` (rows, V) and
- * the running sums of its blocks of 64 to `cdf`; later rounds reuse them. The inverse CDF finds
+ * the running sums of its blocks of 64 to `cdf` (rows, ceil(V / 64)); later rounds reuse them. The inverse CDF finds
  * the block, then scans it: the sums stay vectorised and nothing is summed one character at a
  * time but inside one block. The target u * total stays strictly below the total, so a
  * character of probability zero is never picked. Writes picks[index[i]] and ok[i]. */
@@ -203,7 +203,7 @@ void sample_rows(long count, long V, const long *restrict index, const float *re
     long blocks = (V + BLOCK - 1) / BLOCK;
     for (long i = 0; i < count; i++) {
         long b = index[i];
-        float *restrict p = probs + b * V, *restrict cum = cdf + b * V;
+        float *restrict p = probs + b * V, *restrict cum = cdf + b * blocks;
         if (fresh) {
             const float *restrict z = logits + b * V;
             float t = temperature[b];

@@ -221,8 +221,8 @@ def argmax(logits: torch.Tensor) -> torch.Tensor:
 
 class Sampler:
     """The rounds of sampling.py's rejection sampler for one batch of logits (rows, V), in C: the
-    first round computes each row's probabilities and cumulative sums, later rounds redraw the
-    rejected rows from them (see kernels.c, `sample_rows`)."""
+    first round computes each row's probabilities and the running sums of its blocks of 64, later
+    rounds redraw the rejected rows from them (see kernels.c, `sample_rows`)."""
 
     def __init__(self, logits: torch.Tensor, temperature, top_k, top_p):
         self.logits = logits.contiguous()
@@ -230,7 +230,7 @@ class Sampler:
         self.temperature = torch.tensor(temperature, dtype=torch.float32)
         self.top_k = torch.tensor(top_k, dtype=torch.long)
         self.top_p = torch.tensor(top_p, dtype=torch.float32)
-        self.probs, self.cdf = torch.empty(rows, vocab), torch.empty(rows, vocab)
+        self.probs, self.cdf = torch.empty(rows, vocab), torch.empty(rows, -(-vocab // 64))
         self.picks = torch.empty(rows, dtype=torch.long)
         self.fresh = True
 

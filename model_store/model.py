@@ -130,7 +130,6 @@ class CharLM(nn.Module):
         the fused cell kernels (kernels.py) now, so that a first request does not wait for that."""
         if not onednn.available() or self.dense.weight.device.type != "cpu":
             return False
-        kernels.library()
         names = ["dense"] + [f"rnn.weight_{kind}_l{layer}" for layer in range(self.config.num_layers)
                              for kind in ("ih", "hh") if layer or kind == "hh" or self.embedding is not None]
         params = dict(self.named_parameters(remove_duplicate=False))
