@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from model_store import kernels
 from model_store.constraints import Constraints, Plan, Tracker, mask_logits
 from model_store.model import CharLM, State
 from model_store.sampling import NgramBlocker, SamplingParams, Uniforms, block_repeats, sample_next
@@ -193,7 +194,7 @@ class Batch:
         chosen = sample_next(logits, [r.params for r in rows], self.seen, [r.uniforms for r in rows])
         chars = self.vocab.idx_to_char
         produced = [(row, row.push(chars[c], c)) for row, c in zip(rows, chosen.tolist(), strict=True)]
-        self.seen.scatter_(1, chosen[:, None], True)
+        kernels.mark_seen(self.seen, chosen)
         live = [i for i, r in enumerate(rows) if r.finish is None]
         if len(live) < len(rows):
             for i, row in enumerate(rows):

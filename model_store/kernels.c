@@ -18,11 +18,15 @@
 
 static inline float sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
 
+static inline void rnn_row(long n, const float *restrict x, const float *restrict g, float *restrict h) {
+    for (long j = 0; j < n; j++)
+        h[j] = tanhf(x[j] + g[j]);
+}
+
 void rnn_forward(long rows, long n, const float *restrict xg, const float *restrict hg,
                  float *restrict h_out) {
     for (long b = 0; b < rows; b++)
-        for (long i = b * n; i < (b + 1) * n; i++)
-            h_out[i] = tanhf(xg[i] + hg[i]);
+        rnn_row(n, xg + b * n, hg + b * n, h_out + b * n);
 }
 
 /* saved: the step's own output H_t */
@@ -36,22 +40,24 @@ void rnn_backward(long rows, long n, const float *restrict dmm, const float *res
 }
 
 /* saved (rows, 4n): R, Z, H_tilde, and hg's candidate block H_{t-1} W_hn + b_hn */
+static inline void gru_row(long n, const float *restrict x, const float *restrict g, const float *restrict hp,
+                           float *restrict h, float *restrict s) {
+    for (long j = 0; j < n; j++) {
+        float r = sigmoid(x[j] + g[j]);
+        float z = sigmoid(x[n + j] + g[n + j]);
+        float ht = tanhf(x[2 * n + j] + r * g[2 * n + j]);
+        h[j] = ht + z * (hp[j] - ht);
+        s[j] = r;
+        s[n + j] = z;
+        s[2 * n + j] = ht;
+        s[3 * n + j] = g[2 * n + j];
+    }
+}
+
 void gru_forward(long rows, long n, const float *restrict xg, const float *restrict hg,
                  const float *restrict h_prev, float *restrict h_out, float *restrict saved) {
-    for (long b = 0; b < rows; b++) {
-        const float *restrict x = xg + b * 3 * n, *restrict g = hg + b * 3 * n, *restrict hp = h_prev + b * n;
-        float *restrict h = h_out + b * n, *restrict s = saved + b * 4 * n;
-        for (long j = 0; j < n; j++) {
-            float r = sigmoid(x[j] + g[j]);
-            float z = sigmoid(x[n + j] + g[n + j]);
-            float ht = tanhf(x[2 * n + j] + r * g[2 * n + j]);
-            h[j] = ht + z * (hp[j] - ht);
-            s[j] = r;
-            s[n + j] = z;
-            s[2 * n + j] = ht;
-            s[3 * n + j] = g[2 * n + j];
-        }
-    }
+    for (long b = 0; b < rows; b++)
+        gru_row(n, xg + b * 3 * n, hg + b * 3 * n, h_prev + b * n, h_out + b * n, saved + b * 4 * n);
 }
 
 void gru_backward(long rows, long n, const float *restrict dmm, const float *restrict d_direct,
@@ -77,29 +83,30 @@ void gru_backward(long rows, long n, const float *restrict dmm, const float *res
 }
 
 /* saved (rows, 5n): the gates I, F, the candidate C_tilde, O, and tanh(C_t) */
+static inline void lstm_row(long n, const float *restrict x, const float *restrict g, const float *restrict cp,
+                            float *restrict h, float *restrict c_out, float *restrict s) {
+    for (long j = 0; j < n; j++) {
+        float i = sigmoid(x[j] + g[j]);
+        float f = sigmoid(x[n + j] + g[n + j]);
+        float ct = tanhf(x[2 * n + j] + g[2 * n + j]);
+        float o = sigmoid(x[3 * n + j] + g[3 * n + j]);
+        float c = f * cp[j] + i * ct;
+        float tc = tanhf(c);
+        c_out[j] = c;
+        h[j] = o * tc;
+        s[j] = i;
+        s[n + j] = f;
+        s[2 * n + j] = ct;
+        s[3 * n + j] = o;
+        s[4 * n + j] = tc;
+    }
+}
+
 void lstm_forward(long rows, long n, const float *restrict xg, const float *restrict hg,
                   const float *restrict c_prev, float *restrict h_out, float *restrict c_out,
                   float *restrict saved) {
-    for (long b = 0; b < rows; b++) {
-        const float *restrict x = xg + b * 4 * n, *restrict g = hg + b * 4 * n;
-        long k = b * n;
-        float *restrict s = saved + b * 5 * n;
-        for (long j = 0; j < n; j++) {
-            float i = sigmoid(x[j] + g[j]);
-            float f = sigmoid(x[n + j] + g[n + j]);
-            float ct = tanhf(x[2 * n + j] + g[2 * n + j]);
-            float o = sigmoid(x[3 * n + j] + g[3 * n + j]);
-            float c = f * c_prev[k + j] + i * ct;
-            float tc = tanhf(c);
-            c_out[k + j] = c;
-            h_out[k + j] = o * tc;
-            s[j] = i;
-            s[n + j] = f;
-            s[2 * n + j] = ct;
-            s[3 * n + j] = o;
-            s[4 * n + j] = tc;
-        }
-    }
+    for (long b = 0; b < rows; b++)
+        lstm_row(n, xg + b * 4 * n, hg + b * 4 * n, c_prev + b * n, h_out + b * n, c_out + b * n, saved + b * 5 * n);
 }
 
 void lstm_backward(long rows, long n, const float *restrict dmm, const float *restrict d_hs,
@@ -120,6 +127,37 @@ void lstm_backward(long rows, long n, const float *restrict dmm, const float *re
             d_c_out[k + j] = dc * f;
         }
     }
+}
+
+/* One generation step of one layer (a packed model's `_generation_step`): the same arithmetic as
+ * *_forward, row by row, without keeping what a backward would need (`s` is scratch). Row b's
+ * input gates are row ids[b] of `x` (the first layer's input table: `table_rows` rows, one per
+ * character) or, with ids NULL, row b of x (an upper layer's input product). c_prev/c_out: LSTM
+ * only. Returns -1, or the first row whose id is outside the table (nothing is computed then). */
+long cell_step(int cell, long rows, long n, const float *restrict x, const long *restrict ids, long table_rows,
+               const float *restrict hg, const float *restrict h_prev, const float *restrict c_prev,
+               float *restrict h_out, float *restrict c_out) {
+    long gates = cell == 0 ? 1 : cell == 1 ? 3 : 4;
+    for (long b = 0; ids && b < rows; b++)
+        if (ids[b] < 0 || ids[b] >= table_rows)
+            return b;
+    float s[5 * n];
+    for (long b = 0; b < rows; b++) {
+        const float *restrict xb = x + (ids ? ids[b] : b) * gates * n, *restrict g = hg + b * gates * n;
+        if (cell == 0)
+            rnn_row(n, xb, g, h_out + b * n);
+        else if (cell == 1)
+            gru_row(n, xb, g, h_prev + b * n, h_out + b * n, s);
+        else
+            lstm_row(n, xb, g, c_prev + b * n, h_out + b * n, c_out + b * n, s);
+    }
+    return -1;
+}
+
+/* seen[b, ids[b]] = 1 for each row b of a (rows, V) bool mask: the characters each row has made. */
+void mark_seen(long rows, long V, unsigned char *restrict seen, const long *restrict ids) {
+    for (long b = 0; b < rows; b++)
+        seen[b * V + ids[b]] = 1;
 }
 
 /* Softmax cross-entropy of `rows` rows of `V` logits against `targets`, with label smoothing

@@ -16,6 +16,7 @@ cells' would.
 
 from __future__ import annotations
 
+import array
 import ctypes
 import hashlib
 import logging
@@ -27,6 +28,7 @@ import tempfile
 import threading
 from pathlib import Path
 
+import numpy
 import torch
 
 log = logging.getLogger(__name__)
@@ -38,7 +40,8 @@ SOURCE = Path(__file__).with_name("kernels.c")
 # whole process to flushing subnormal floats to zero.
 FLAGS = ["-O3", "-ffast-math", "-march=native", "--param", "vect-max-peeling-for-alignment=0", "-fPIC"]
 LIBS = ["-lmvec", "-lm"]
-SAVED_WIDTH = {"rnn": 0, "gru": 4, "lstm": 5}  # columns of `saved` per step, in units of hidden size
+SAVED_WIDTH = {"rnn": 0, "gru": 4, "lstm": 5}
+CELLS = {"rnn": 0, "gru": 1, "lstm": 2}  # kernels.c's cell numbers  # columns of `saved` per step, in units of hidden size
 
 _lock = threading.Lock()
 _library: ctypes.CDLL | None = None
@@ -77,17 +80,24 @@ def _compile() -> ctypes.CDLL:
             for path in (tmp, obj):
                 if os.path.exists(path):
                     os.unlink(path)
-    library = ctypes.CDLL(str(target))
+    # PyDLL: the calls keep the GIL. They are short, and a thread that lets go of the GIL waits to get
+    # it back for as long as another thread runs Python: a server's scheduler thread, stepping the
+    # batch while the event loop handles requests, paid that wait at every call.
+    library = ctypes.PyDLL(str(target))
     pointers = {"rnn_forward": 3, "rnn_backward": 4, "gru_forward": 5, "gru_backward": 8,
                 "lstm_forward": 6, "lstm_backward": 7}
     for name, count in pointers.items():
         getattr(library, name).argtypes = [ctypes.c_long, ctypes.c_long] + [ctypes.c_void_p] * count
     library.cross_entropy.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_float,
                                       ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+    library.cell_step.argtypes = [ctypes.c_int, ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p,
+                                  ctypes.c_long] + [ctypes.c_void_p] * 5
+    library.cell_step.restype = ctypes.c_long
+    library.mark_seen.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]
     library.argmax_rows.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]
     library.sample_rows.argtypes = ([ctypes.c_long, ctypes.c_long] + [ctypes.c_void_p] * 6 + [ctypes.c_int]
                                     + [ctypes.c_void_p] * 4)
-    for name in [*pointers, "cross_entropy", "argmax_rows", "sample_rows"]:
+    for name in [*pointers, "cross_entropy", "mark_seen", "argmax_rows", "sample_rows"]:
         getattr(library, name).restype = None
     return library
 
@@ -160,18 +170,25 @@ def forward(cell: str, xg: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor | No
     return hs, cs, (saved if keep else None)
 
 
-def step(cell: str, xg: torch.Tensor, h: torch.Tensor, c: torch.Tensor | None, hidden):
-    """One step of one layer, without a gradient (a generation step): xg (rows, gates * n), h and c
-    (rows, n), all contiguous; hidden(H) = H W_hh^T + b_hh. Returns the new H and C (LSTM, else None)."""
-    rows, n = h.shape
-    hg = hidden(h).float()
-    h_new = torch.empty_like(h)
-    c_new = torch.empty_like(c) if cell == "lstm" else None
-    saved = h.new_empty(rows, SAVED_WIDTH[cell] * n) if SAVED_WIDTH[cell] else None  # written, not needed
-    cell_forward(cell, rows, n, xg.data_ptr(), hg.data_ptr(), h.data_ptr(), c.data_ptr() if c is not None else None,
-                 h_new.data_ptr(), c_new.data_ptr() if c_new is not None else None,
-                 saved.data_ptr() if saved is not None else None)
-    return h_new, c_new
+def step(cell: str, x: torch.Tensor, ids: torch.Tensor | None, hg: torch.Tensor, h: torch.Tensor,
+         c: torch.Tensor | None, h_out: torch.Tensor, c_out: torch.Tensor | None) -> None:
+    """One generation step of one layer, without a gradient, into h_out (and c_out): the input gates
+    of row b are x[ids[b]] (the first layer's input table) or, with ids None, x[b] (an upper layer's
+    input product); hg = H W_hh^T + b_hh. Every tensor float32 (ids int64), contiguous, CPU."""
+    rows, n = h.shape[-2], h.shape[-1]
+    bad = library().cell_step(CELLS[cell], rows, n, x.data_ptr(), ids.data_ptr() if ids is not None else None,
+                              x.shape[0], hg.data_ptr(), h.data_ptr(), c.data_ptr() if c is not None else None,
+                              h_out.data_ptr(), c_out.data_ptr() if c_out is not None else None)
+    if bad >= 0:
+        raise IndexError(f"character index {int(ids[bad])} is outside the vocabulary (size {x.shape[0]})")
+
+
+def mark_seen(seen: torch.Tensor, ids: torch.Tensor) -> None:
+    """seen[b, ids[b]] = True for every row b: seen (rows, V) bool, ids (rows,) int64, both on a CPU."""
+    if library() is None or seen.device.type != "cpu" or not seen.is_contiguous():
+        seen.scatter_(1, ids[:, None], True)
+        return
+    library().mark_seen(seen.shape[0], seen.shape[1], seen.data_ptr(), ids.contiguous().data_ptr())
 
 
 def backward(cell: str, d_hs: torch.Tensor, d_c_last: torch.Tensor | None, h0: torch.Tensor, c0, hs, cs, saved,
@@ -222,29 +239,34 @@ def argmax(logits: torch.Tensor) -> torch.Tensor:
 class Sampler:
     """The rounds of sampling.py's rejection sampler for one batch of logits (rows, V), in C: the
     first round computes each row's probabilities and the running sums of its blocks of 64, later
-    rounds redraw the rejected rows from them (see kernels.c, `sample_rows`)."""
+    rounds redraw the rejected rows from them (see kernels.c, `sample_rows`). The small per-row
+    arrays and the buffers are Python arrays and numpy, not tensors: every torch call lets go of
+    the GIL and waits to get it back (see `_compile`), and a batch makes these once a step."""
 
     def __init__(self, logits: torch.Tensor, temperature, top_k, top_p):
         self.logits = logits.contiguous()
         rows, vocab = self.logits.shape
-        self.temperature = torch.tensor(temperature, dtype=torch.float32)
-        self.top_k = torch.tensor(top_k, dtype=torch.long)
-        self.top_p = torch.tensor(top_p, dtype=torch.float32)
-        self.probs, self.cdf = torch.empty(rows, vocab), torch.empty(rows, -(-vocab // 64))
+        self.temperature, self.top_k = array.array("f", temperature), array.array("q", top_k)
+        self.top_p = array.array("f", top_p)
+        self.probs = numpy.empty((rows, vocab), dtype=numpy.float32)
+        self.cdf = numpy.empty((rows, -(-vocab // 64)), dtype=numpy.float32)
         self.picks = torch.empty(rows, dtype=torch.long)
         self.fresh = True
 
     def round(self, rows: list[int], uniforms: list[float]) -> list[bool]:
         """Draw for `rows` (batch indices) with one uniform each; whether each draw survived."""
-        index = torch.tensor(rows, dtype=torch.long)
-        u = torch.tensor(uniforms, dtype=torch.float64)
-        ok = torch.empty(len(rows), dtype=torch.uint8)
-        library().sample_rows(len(rows), self.logits.shape[1], index.data_ptr(), self.logits.data_ptr(),
-                              self.temperature.data_ptr(), self.top_k.data_ptr(), self.top_p.data_ptr(),
-                              u.data_ptr(), int(self.fresh), self.probs.data_ptr(), self.cdf.data_ptr(),
-                              self.picks.data_ptr(), ok.data_ptr())
+        index, u = array.array("q", rows), array.array("d", uniforms)
+        ok = array.array("B", bytes(len(rows)))
+        library().sample_rows(len(rows), self.logits.shape[1], address(index), self.logits.data_ptr(),
+                              address(self.temperature), address(self.top_k), address(self.top_p), address(u),
+                              int(self.fresh), self.probs.ctypes.data, self.cdf.ctypes.data,
+                              self.picks.data_ptr(), address(ok))
         self.fresh = False
-        return [bool(v) for v in ok.tolist()]
+        return [bool(v) for v in ok]
+
+
+def address(values: array.array) -> int:
+    return values.buffer_info()[0]
 
 
 class CrossEntropy(torch.autograd.Function):

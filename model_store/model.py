@@ -163,7 +163,8 @@ class CharLM(nn.Module):
         if state is None:
             state = self.init_state(inputs.shape[0], inputs.device)
         if inputs.shape[1] == 1 and self.fast_step(inputs.device):
-            return self._generation_step(inputs[:, 0], state)
+            logits, state = self._generation_step(inputs[:, 0], state)
+            return logits[:, None], state
         # DropConnect needs the per-step path, which takes W_hh as an argument; so do packed weights
         packed_step = self.packed and not torch.is_grad_enabled() and inputs.device.type == "cpu"
         if self.impl == "fused" and not (self.training and self.config.weight_drop) and not packed_step:
@@ -179,9 +180,8 @@ class CharLM(nn.Module):
         state; `forward` on one position, called directly on the packed CPU path (it runs once
         per character, so nn.Module's call machinery is worth skipping)."""
         if self.fast_step(ids.device):
-            logits, state = self._generation_step(ids, state)
-        else:
-            logits, state = self(ids[:, None], state)
+            return self._generation_step(ids, state)
+        logits, state = self(ids[:, None], state)
         return logits[:, -1], state
 
     def fast_step(self, device: torch.device) -> bool:
@@ -247,23 +247,27 @@ class CharLM(nn.Module):
 
     def _generation_step(self, ids: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         """One step of a packed model without a gradient, on a CPU: `_scratch`'s arithmetic (the
-        input table, the packed products, the fused cells) with less around it, for generation,
-        which makes one such call per character."""
-        cell = self.config.cell
+        input table, the packed products, the fused cells) with as few torch calls as it takes, for
+        generation, which makes one such call per character. Each torch call lets go of the GIL and
+        waits to get it back, and a server's event loop holds it while it handles requests."""
+        cell, layers = self.config.cell, self.config.num_layers
         h_all, c_all = state if cell == "lstm" else (state, None)
-        x = self.input_table.rows(ids)
-        h_out, c_out = [], []
+        h_all = h_all.contiguous()
+        c_all = c_all.contiguous() if c_all is not None else None
+        h_new = torch.empty_like(h_all)
+        c_new = torch.empty_like(c_all) if c_all is not None else None
+        x, index = self.input_table.current(), ids.contiguous()
         for layer, (input_product, hidden_product) in enumerate(self.step_layers):
+            if layers == 1:  # no per-layer views: one torch call fewer each
+                h, c, h_out, c_out = h_all, c_all, h_new, c_new
+            else:
+                h, h_out = h_all[layer], h_new[layer]
+                c, c_out = (c_all[layer], c_new[layer]) if c_all is not None else (None, None)
             if layer:
-                x = input_product(h_out[-1])
-            c = c_all[layer].contiguous() if c_all is not None else None
-            H, C = kernels.step(cell, x, h_all[layer].contiguous(), c, hidden_product)
-            h_out.append(H)
-            c_out.append(C)
-        logits = self.packed["dense"](h_out[-1])[:, None]
-        stack = (lambda layers: layers[0][None]) if len(h_out) == 1 else torch.stack
-        return logits, (stack(h_out), stack(c_out)) if cell == "lstm" else stack(h_out)
-
+                x, index = input_product(h_new[layer - 1]), None
+            kernels.step(cell, x, index, hidden_product(h), h, c, h_out, c_out)
+        logits = self.packed["dense"](h_new[-1])
+        return logits, (h_new, c_new) if cell == "lstm" else h_new
 
 class InputTable:
     """A packed model's first-layer input gates for every vocabulary entry, (vocab, gates * hidden):
@@ -297,6 +301,10 @@ class InputTable:
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """(len(ids), gates * hidden): the table's rows at ids (1-d)."""
+        return self.current().index_select(0, ids)
+
+    def current(self) -> torch.Tensor:
+        """The table, rebuilt first if a weight it was made from has changed."""
         if [onednn.version(t) for t in self.sources] != self.versions:
             self.build()
-        return self.table.index_select(0, ids)
+        return self.table

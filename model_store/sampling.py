@@ -149,8 +149,10 @@ def sample_fused(logits: torch.Tensor, params: Sequence[SamplingParams], sampled
     picks = sampler.picks
     if todo:
         index = torch.tensor(todo)
-        picks[index] = sample_sorted(sampler.probs[index], sampler.top_k[index, None], sampler.top_p[index, None],
-                                     [streams[i] for i in todo])
+        probs = torch.from_numpy(sampler.probs)[index]
+        top_k = torch.tensor(sampler.top_k, dtype=torch.long)[index, None]
+        top_p = torch.tensor(sampler.top_p, dtype=torch.float32)[index, None]
+        picks[index] = sample_sorted(probs, top_k, top_p, [streams[i] for i in todo])
     if len(sampled) < len(params):
         greedy = torch.ones(len(params), dtype=torch.bool)
         greedy[sampled] = False

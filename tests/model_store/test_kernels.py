@@ -160,3 +160,26 @@ def test_a_sampled_row_is_the_same_in_any_batch(built):
     for i in range(9):
         alone = sample_next(logits[i:i + 1], params[i:i + 1], None, [Uniforms(i)])
         assert int(alone) == int(whole[i])
+
+
+def test_marking_seen_characters_equals_torchs_scatter(built):
+    g = torch.Generator().manual_seed(0)
+    seen = torch.rand(9, 70, generator=g) < 0.3
+    ids = torch.randint(0, 70, (9,), generator=g)
+    expected = seen.clone().scatter_(1, ids[:, None], True)
+    kernels.mark_seen(seen, ids)
+    assert torch.equal(seen, expected)
+
+
+@pytest.mark.parametrize("cell", ["rnn", "gru", "lstm"])
+def test_a_generation_step_refuses_a_character_outside_the_vocabulary(built, make_model, cell):
+    model = make_model(cell, vocab_size=12)
+    assert model.pack()
+    state = model.init_state(3)
+    with torch.no_grad():
+        assert model.fast_step(torch.device("cpu"))  # the packed one-step path, which reads the input table
+        for bad in (12, -1):
+            with pytest.raises(IndexError, match="outside the vocabulary"):
+                model.step(torch.tensor([0, bad, 5]), state)
+        logits, _ = model.step(torch.tensor([0, 11, 5]), state)
+    assert logits.shape == (3, 12)
