@@ -228,38 +228,32 @@ void argmax_rows(long rows, long V, const float *restrict logits, long *restrict
  * the row's whole distribution, kept when the pick survives: fewer than top_k characters are
  * likelier than it and their mass is below top_p (sampling.py's `sample_fused` calls this once
  * per round of its rejection loop; a row with top_p 1 and no top_k keeps its first draw). With
- * `fresh`, the row's softmax(logits / temperature) is first written to `probs` (rows, V) and
- * the running sums of its blocks of 64 to `cdf` (rows, ceil(V / 64)); later rounds reuse them. The inverse CDF finds
- * the block, then scans it: the sums stay vectorised and nothing is summed one character at a
- * time but inside one block. The target u * total stays strictly below the total, so a
- * character of probability zero is never picked. Writes picks[index[i]] and ok[i]. */
+ * `fresh`, the row's weights exp((logits - max) / temperature) are first written to `weights`
+ * (rows, V) and the running sums of its blocks of 64 to `cdf` (rows, ceil(V / 64)), in one pass
+ * after the max; later rounds reuse them. Nothing is normalised: the target is u * total and a
+ * survivor's likelier-than mass is compared with top_p * total. The inverse CDF finds the
+ * block, then scans it: nothing is summed one character at a time but inside one block. The
+ * target stays strictly below the total, so a character of weight zero is never picked.
+ * Writes picks[index[i]] and ok[i]. */
 #define BLOCK 64
 void sample_rows(long count, long V, const long *restrict index, const float *restrict logits,
                  const float *restrict temperature, const long *restrict top_k, const float *restrict top_p,
-                 const double *restrict uniforms, int fresh, float *restrict probs, float *restrict cdf,
+                 const double *restrict uniforms, int fresh, float *restrict weights, float *restrict cdf,
                  long *restrict picks, unsigned char *restrict ok) {
     long blocks = (V + BLOCK - 1) / BLOCK;
     for (long i = 0; i < count; i++) {
         long b = index[i];
-        float *restrict p = probs + b * V, *restrict cum = cdf + b * blocks;
+        float *restrict p = weights + b * V, *restrict cum = cdf + b * blocks;
         if (fresh) {
             const float *restrict z = logits + b * V;
-            float t = temperature[b];
-            for (long j = 0; j < V; j++)
-                p[j] = z[j] / t;
-            float m = p[0], sum = 0.0f;
+            float scale = 1.0f / temperature[b], m = z[0], running = 0.0f;
             for (long j = 1; j < V; j++)
-                m = p[j] > m ? p[j] : m;
-            for (long j = 0; j < V; j++) {
-                p[j] = expf(p[j] - m);
-                sum += p[j];
-            }
-            float scale = 1.0f / sum, running = 0.0f;
+                m = z[j] > m ? z[j] : m;
             for (long k = 0; k < blocks; k++) {
                 long end = (k + 1) * BLOCK < V ? (k + 1) * BLOCK : V;
                 float part = 0.0f;
                 for (long j = k * BLOCK; j < end; j++) {
-                    p[j] *= scale;
+                    p[j] = expf((z[j] - m) * scale);
                     part += p[j];
                 }
                 running += part;
@@ -293,6 +287,6 @@ void sample_rows(long count, long V, const long *restrict index, const float *re
             mass += p[j] > chosen ? p[j] : 0.0f;
             likelier += p[j] > chosen;
         }
-        ok[i] = (top_p[b] >= 1.0f || mass < top_p[b]) && likelier < top_k[b];
+        ok[i] = (top_p[b] >= 1.0f || mass < top_p[b] * total) && likelier < top_k[b];
     }
 }

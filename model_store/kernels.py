@@ -238,7 +238,8 @@ def argmax(logits: torch.Tensor) -> torch.Tensor:
 
 class Sampler:
     """The rounds of sampling.py's rejection sampler for one batch of logits (rows, V), in C: the
-    first round computes each row's probabilities and the running sums of its blocks of 64, later
+    first round computes each row's weights (unnormalised probabilities) and the running sums of its
+    blocks of 64, later
     rounds redraw the rejected rows from them (see kernels.c, `sample_rows`). The small per-row
     arrays and the buffers are Python arrays and numpy, not tensors: every torch call lets go of
     the GIL and waits to get it back (see `_compile`), and a batch makes these once a step."""
@@ -248,7 +249,7 @@ class Sampler:
         rows, vocab = self.logits.shape
         self.temperature, self.top_k = array.array("f", temperature), array.array("q", top_k)
         self.top_p = array.array("f", top_p)
-        self.probs = numpy.empty((rows, vocab), dtype=numpy.float32)
+        self.weights = numpy.empty((rows, vocab), dtype=numpy.float32)  # unnormalised probabilities
         self.cdf = numpy.empty((rows, -(-vocab // 64)), dtype=numpy.float32)
         self.picks = torch.empty(rows, dtype=torch.long)
         self.fresh = True
@@ -259,7 +260,7 @@ class Sampler:
         ok = array.array("B", bytes(len(rows)))
         library().sample_rows(len(rows), self.logits.shape[1], address(index), self.logits.data_ptr(),
                               address(self.temperature), address(self.top_k), address(self.top_p), address(u),
-                              int(self.fresh), self.probs.ctypes.data, self.cdf.ctypes.data,
+                              int(self.fresh), self.weights.ctypes.data, self.cdf.ctypes.data,
                               self.picks.data_ptr(), address(ok))
         self.fresh = False
         return [bool(v) for v in ok]

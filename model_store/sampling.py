@@ -149,7 +149,8 @@ def sample_fused(logits: torch.Tensor, params: Sequence[SamplingParams], sampled
     picks = sampler.picks
     if todo:
         index = torch.tensor(todo)
-        probs = torch.from_numpy(sampler.probs)[index]
+        weights = torch.from_numpy(sampler.weights)[index]
+        probs = weights / weights.sum(dim=1, keepdim=True)
         top_k = torch.tensor(sampler.top_k, dtype=torch.long)[index, None]
         top_p = torch.tensor(sampler.top_p, dtype=torch.float32)[index, None]
         picks[index] = sample_sorted(probs, top_k, top_p, [streams[i] for i in todo])
