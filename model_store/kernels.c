@@ -154,10 +154,15 @@ long cell_step(int cell, long rows, long n, const float *restrict x, const long 
     return -1;
 }
 
-/* seen[b, ids[b]] = 1 for each row b of a (rows, V) bool mask: the characters each row has made. */
-void mark_seen(long rows, long V, unsigned char *restrict seen, const long *restrict ids) {
+/* seen[b, ids[b]] = 1 for each row b of a (rows, V) bool mask: the characters each row has made.
+ * Returns -1, or the first row whose id is outside [0, V) (nothing is marked then). */
+long mark_seen(long rows, long V, unsigned char *restrict seen, const long *restrict ids) {
+    for (long b = 0; b < rows; b++)
+        if (ids[b] < 0 || ids[b] >= V)
+            return b;
     for (long b = 0; b < rows; b++)
         seen[b * V + ids[b]] = 1;
+    return -1;
 }
 
 /* Softmax cross-entropy of `rows` rows of `V` logits against `targets`, with label smoothing

@@ -40,8 +40,8 @@ SOURCE = Path(__file__).with_name("kernels.c")
 # whole process to flushing subnormal floats to zero.
 FLAGS = ["-O3", "-ffast-math", "-march=native", "--param", "vect-max-peeling-for-alignment=0", "-fPIC"]
 LIBS = ["-lmvec", "-lm"]
-SAVED_WIDTH = {"rnn": 0, "gru": 4, "lstm": 5}
-CELLS = {"rnn": 0, "gru": 1, "lstm": 2}  # kernels.c's cell numbers  # columns of `saved` per step, in units of hidden size
+SAVED_WIDTH = {"rnn": 0, "gru": 4, "lstm": 5}  # columns of `saved` per step, in units of hidden size
+CELLS = {"rnn": 0, "gru": 1, "lstm": 2}  # kernels.c's cell numbers
 
 _lock = threading.Lock()
 _library: ctypes.CDLL | None = None
@@ -94,10 +94,11 @@ def _compile() -> ctypes.CDLL:
                                   ctypes.c_long] + [ctypes.c_void_p] * 5
     library.cell_step.restype = ctypes.c_long
     library.mark_seen.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]
+    library.mark_seen.restype = ctypes.c_long
     library.argmax_rows.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]
     library.sample_rows.argtypes = ([ctypes.c_long, ctypes.c_long] + [ctypes.c_void_p] * 6 + [ctypes.c_int]
                                     + [ctypes.c_void_p] * 4)
-    for name in [*pointers, "cross_entropy", "mark_seen", "argmax_rows", "sample_rows"]:
+    for name in [*pointers, "cross_entropy", "argmax_rows", "sample_rows"]:
         getattr(library, name).restype = None
     return library
 
@@ -185,10 +186,14 @@ def step(cell: str, x: torch.Tensor, ids: torch.Tensor | None, hg: torch.Tensor,
 
 def mark_seen(seen: torch.Tensor, ids: torch.Tensor) -> None:
     """seen[b, ids[b]] = True for every row b: seen (rows, V) bool, ids (rows,) int64, both on a CPU."""
-    if library() is None or seen.device.type != "cpu" or not seen.is_contiguous():
+    if (library() is None or seen.device.type != "cpu" or not seen.is_contiguous() or seen.dtype != torch.bool
+            or ids.dtype != torch.int64):
         seen.scatter_(1, ids[:, None], True)
         return
-    library().mark_seen(seen.shape[0], seen.shape[1], seen.data_ptr(), ids.contiguous().data_ptr())
+    ids = ids.contiguous()
+    bad = library().mark_seen(seen.shape[0], seen.shape[1], seen.data_ptr(), ids.data_ptr())
+    if bad >= 0:
+        raise IndexError(f"character index {int(ids[bad])} is outside the vocabulary (size {seen.shape[1]})")
 
 
 def backward(cell: str, d_hs: torch.Tensor, d_c_last: torch.Tensor | None, h0: torch.Tensor, c0, hs, cs, saved,

@@ -169,6 +169,9 @@ def test_marking_seen_characters_equals_torchs_scatter(built):
     expected = seen.clone().scatter_(1, ids[:, None], True)
     kernels.mark_seen(seen, ids)
     assert torch.equal(seen, expected)
+    with pytest.raises(IndexError, match="outside the vocabulary"):
+        kernels.mark_seen(seen, torch.tensor([0] * 8 + [70]))
+    assert torch.equal(seen, expected)  # nothing marked
 
 
 @pytest.mark.parametrize("cell", ["rnn", "gru", "lstm"])
