@@ -11,6 +11,7 @@ import secrets
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
+import numpy
 import torch
 
 from model_store import kernels
@@ -113,17 +114,22 @@ class Row:
 
 def prefill_rows(model: CharLM, generations: Sequence[Generation]) -> tuple[torch.Tensor, State, torch.Tensor]:
     """Prefill the inputs (`ids`, all of one length) of several generations in one call, each from
-    its start state; generation i's logits, state and seen-mask rows are repeated n times, in order."""
+    its start state; generation i's logits, state and seen-mask rows are repeated n times, in order.
+    The seen mask is built in numpy: a server admits requests between the steps of its batch, and
+    every torch call there waits for the GIL (see model.CharLM._generation_step)."""
     device = model.dense.weight.device
     start = model.init_state(len(generations), device)
-    seen = torch.zeros(len(generations), model.config.vocab_size, dtype=torch.bool, device=device)
+    seen = numpy.zeros((len(generations), model.config.vocab_size), dtype=bool)
     for i, g in enumerate(generations):
         if g.start is not None:
             for whole, part in zip(as_tuple(start), as_tuple(g.start.state), strict=True):
                 whole[:, i] = part[:, 0].to(device)
-            seen[i] = g.start.seen.to(device)
-        seen[i, torch.tensor(g.ids, device=device)] = True
+            seen[i] = g.start.seen.cpu().numpy()
+        seen[i, g.ids] = True
     logits, state = model(torch.tensor([g.ids for g in generations], device=device), start, last_only=True)
+    seen = torch.from_numpy(seen).to(device)
+    if all(g.n == 1 for g in generations):
+        return logits[:, -1], state, seen
     counts = torch.tensor([g.n for g in generations], device=device)
     index = torch.repeat_interleave(torch.arange(len(generations), device=device), counts)
     return logits[:, -1].index_select(0, index), select_state(state, index), seen.index_select(0, index)

@@ -162,8 +162,13 @@ class CharLM(nn.Module):
         needs, without the output layer's work for every other position."""
         if state is None:
             state = self.init_state(inputs.shape[0], inputs.device)
-        if inputs.shape[1] == 1 and self.fast_step(inputs.device):
-            logits, state = self._generation_step(inputs[:, 0], state)
+        if (inputs.shape[1] == 1 or last_only) and inputs.shape[1] and self.fast_step(inputs.device):
+            # a generation step, or a prefill: the one-step path position by position (the same
+            # arithmetic in fewer torch calls), the output layer at the last position only
+            columns = inputs.t().contiguous()
+            for ids in columns[:-1]:
+                state = self._generation_step(ids, state, output=False)[1]
+            logits, state = self._generation_step(columns[-1], state)
             return logits[:, None], state
         # DropConnect needs the per-step path, which takes W_hh as an argument; so do packed weights
         packed_step = self.packed and not torch.is_grad_enabled() and inputs.device.type == "cpu"
@@ -245,11 +250,12 @@ class CharLM(nn.Module):
         new_state = (torch.stack(h_out), torch.stack(c_out)) if cell == "lstm" else torch.stack(h_out)
         return layer_input, new_state
 
-    def _generation_step(self, ids: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+    def _generation_step(self, ids: torch.Tensor, state: State, output: bool = True) -> tuple[torch.Tensor | None, State]:
         """One step of a packed model without a gradient, on a CPU: `_scratch`'s arithmetic (the
         input table, the packed products, the fused cells) with as few torch calls as it takes, for
         generation, which makes one such call per character. Each torch call lets go of the GIL and
-        waits to get it back, and a server's event loop holds it while it handles requests."""
+        waits to get it back, and a server's event loop holds it while it handles requests. Without
+        `output` (a prefill's positions before the last) no logits are computed: (None, state)."""
         cell, layers = self.config.cell, self.config.num_layers
         h_all, c_all = state if cell == "lstm" else (state, None)
         h_all = h_all.contiguous()
@@ -266,7 +272,7 @@ class CharLM(nn.Module):
             if layer:
                 x, index = input_product(h_new[layer - 1]), None
             kernels.step(cell, x, index, hidden_product(h), h, c, h_out, c_out)
-        logits = self.packed["dense"](h_new[-1])
+        logits = self.packed["dense"](h_new[-1]) if output else None
         return logits, (h_new, c_new) if cell == "lstm" else h_new
 
 class InputTable:
