@@ -275,6 +275,7 @@ class CharLM(nn.Module):
         logits = self.packed["dense"](h_new[-1]) if output else None
         return logits, (h_new, c_new) if cell == "lstm" else h_new
 
+
 class InputTable:
     """A packed model's first-layer input gates for every vocabulary entry, (vocab, gates * hidden):
     X W_ih^T + b_ih of the one-hot or embedded character, computed once, so that a generation
