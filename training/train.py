@@ -21,6 +21,7 @@ import math
 import random
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -171,11 +172,15 @@ def keep_freed_memory() -> None:
         pass
 
 
-def clip_gradients(params: list[torch.nn.Parameter], theta: float) -> float:
+def clip_gradients(params: Iterable[torch.nn.Parameter], theta: float) -> float:
     """Scale all gradients together so their global L2 norm is at most theta; returns the
-    norm before clipping. Takes a list: the tutorial's concise loop passed a one-shot
-    generator, which its norm loop used up, so it never clipped."""
-    norm = torch.nn.utils.clip_grad_norm_(params, theta if theta > 0 else math.inf)
+    norm before clipping. Takes any iterable: the tutorial's concise loop passed a one-shot
+    generator, which its norm loop used up, so it never clipped. theta <= 0: no clipping, the norm
+    is only measured (clip_grad_norm_ with an infinite theta would still multiply every gradient by 1)."""
+    params = list(params)  # a generator would be used up by the norm (the tutorial's bug)
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    if theta > 0:
+        torch.nn.utils.clip_grads_with_norm_(params, theta, norm)
     return float(norm)
 
 
