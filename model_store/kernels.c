@@ -13,7 +13,12 @@
  * passed on to step t-1 that bypass W_hh: d_direct_out (GRU), d_c_out (LSTM).
  * Rows are looped one by one and kernels.py forbids peeling loops for alignment, so whether an
  * element is computed by vector or scalar code depends only on its column: a row's result is
- * bit for bit the same at every batch size. */
+ * bit for bit the same at every batch size.
+ *
+ * The loss and the one-hot input gates split their loops over torch's own OpenMP threads where
+ * kernels.py could link against torch's OpenMP runtime (else the pragmas are ignored); each
+ * element is computed by one thread in a fixed order, so the results never depend on the
+ * thread count. */
 #include <math.h>
 
 static inline float sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
@@ -174,6 +179,7 @@ long mark_seen(long rows, long V, unsigned char *restrict seen, const long *rest
  * (rows, V) tensor about seven times. */
 void cross_entropy(long rows, long V, const float *restrict logits, const long *restrict targets, float eps,
                    long count, float *restrict nll, float *restrict mean_logp, float *restrict dlogits) {
+    #pragma omp parallel for schedule(static)
     for (long b = 0; b < rows; b++) {
         const float *restrict z = logits + b * V;
         float m = z[0], total = 0.0f;
@@ -200,6 +206,54 @@ void cross_entropy(long rows, long V, const float *restrict logits, const long *
         float lse = m + logf(sum);
         nll[b] = lse - z[targets[b]];
         mean_logp[b] = total / V - lse;
+    }
+}
+
+/* The first layer's input gates for one-hot inputs, a lookup of W_ih's columns: out[p] (count,
+ * width) = w[:, ids[p]] + bias, w (width, V) as torch stores it. Blocks of 16 columns of `out`
+ * (16 rows of w) per thread: a block's rows of w stay in cache while every position reads them.
+ * Returns -1, or the first position whose id is outside [0, V) (nothing is written then). */
+long onehot_gates(long count, long width, long V, const float *restrict w, const float *restrict bias,
+                  const long *restrict ids, float *restrict out) {
+    for (long p = 0; p < count; p++)
+        if (ids[p] < 0 || ids[p] >= V)
+            return p;
+    #pragma omp parallel for schedule(static)
+    for (long j0 = 0; j0 < width; j0 += 16) {
+        long j1 = j0 + 16 < width ? j0 + 16 : width;
+        for (long p = 0; p < count; p++) {
+            const float *restrict column = w + ids[p];
+            float *restrict o = out + p * width;
+            for (long j = j0; j < j1; j++)
+                o[j] = bias ? column[j * V] + bias[j] : column[j * V];
+        }
+    }
+    return -1;
+}
+
+/* The gradients of `onehot_gates` (ids already checked there): dw (width, V) = the sum of the
+ * rows d[p] (count, width) over the positions p with ids[p] = v, in column v, zero in the columns
+ * of characters not read; db (width) = the sum of all rows (db may be NULL). Positions are summed
+ * in order, as torch's index_add does. */
+void onehot_gates_backward(long count, long width, long V, const float *restrict d, const long *restrict ids,
+                           float *restrict dw, float *restrict db) {
+    #pragma omp parallel for schedule(static)
+    for (long j0 = 0; j0 < width; j0 += 16) {
+        long j1 = j0 + 16 < width ? j0 + 16 : width;
+        for (long j = j0; j < j1; j++) {
+            for (long v = 0; v < V; v++)
+                dw[j * V + v] = 0.0f;
+            if (db)
+                db[j] = 0.0f;
+        }
+        for (long p = 0; p < count; p++) {
+            float *restrict column = dw + ids[p];
+            const float *restrict g = d + p * width;
+            for (long j = j0; j < j1; j++)
+                column[j * V] += g[j];
+            for (long j = j0; db && j < j1; j++)
+                db[j] += g[j];
+        }
     }
 }
 

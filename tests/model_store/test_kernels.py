@@ -2,6 +2,7 @@
 and a clean fallback to torch ops where they cannot be built."""
 
 import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -186,3 +187,60 @@ def test_a_generation_step_refuses_a_character_outside_the_vocabulary(built, mak
                 model.step(torch.tensor([0, bad, 5]), state)
         logits, _ = model.step(torch.tensor([0, 11, 5]), state)
     assert logits.shape == (3, 12)
+
+
+@pytest.mark.parametrize("cell", ["rnn", "gru", "lstm"])
+def test_one_hot_input_gates_equal_torchs_lookup_and_its_gradients(built, make_model, monkeypatch, cell):
+    inputs = torch.randint(0, 9, (5, 7), generator=torch.Generator().manual_seed(2))  # 9..12 never read
+    results = []
+    for enabled in (True, False):
+        monkeypatch.setattr(kernels, "ENABLED", enabled)
+        model = make_model(cell, vocab_size=13, hidden_size=19, embed_size=0)  # 19: not a multiple of 16
+        gates = model.input_gates(inputs)
+        weights = torch.randn(gates.shape, generator=torch.Generator().manual_seed(3))
+        (gates * weights).sum().backward()
+        results.append((gates.detach(), model.rnn.weight_ih_l0.grad, model.rnn.bias_ih_l0.grad))
+    (gates, d_weight, d_bias), (ref_gates, ref_d_weight, ref_d_bias) = results
+    assert torch.equal(gates, ref_gates)
+    assert gates.transpose(0, 1).is_contiguous()  # time-major, as the recurrence reads it
+    assert torch.equal(d_weight, ref_d_weight)  # positions summed in the same order
+    assert not d_weight[:, 9:].any()
+    torch.testing.assert_close(d_bias, ref_d_bias, rtol=1e-5, atol=1e-6)
+
+
+def test_one_hot_input_gates_refuse_a_character_outside_the_vocabulary(built):
+    weight, bias = torch.randn(6, 4), torch.randn(6)
+    for bad in (4, -1):
+        with pytest.raises(IndexError, match="outside the vocabulary"):
+            kernels.onehot_gates(weight, bias, torch.tensor([[0, 1], [bad, 3]]))
+
+
+def test_the_loss_and_the_input_gates_do_not_depend_on_the_thread_count(built):
+    g = torch.Generator().manual_seed(4)
+    logits, targets = torch.randn(300, 70, generator=g), torch.randint(0, 70, (300,), generator=g)
+    weight, ids = torch.randn(200, 70, generator=g).requires_grad_(), torch.randint(0, 70, (30, 11), generator=g)
+    bias = torch.zeros(200, requires_grad=True)
+    upstream = torch.randn(11, 30, 200, generator=g)
+    threads, results = torch.get_num_threads(), []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            x = logits.clone().requires_grad_()
+            loss, nll = kernels.cross_entropy(x, targets, 0.1)
+            loss.backward()
+            gates = kernels.onehot_gates(weight, bias, ids)
+            d_weight, d_bias = torch.autograd.grad((gates * upstream).sum(), [weight, bias])
+            results.append([loss, nll, x.grad, gates, d_weight, d_bias])
+    finally:
+        torch.set_num_threads(threads)
+    for one, two in zip(*results, strict=True):
+        assert torch.equal(one, two)
+
+
+def test_the_kernels_run_on_torchs_own_openmp_runtime(built):
+    maps = Path("/proc/self/maps")
+    if not maps.exists() or kernels._openmp() is None:
+        pytest.skip("no /proc, or torch ships no libgomp here")
+    assert b"libgomp" in Path(kernels.library()._name).read_bytes()  # built with OpenMP, not the serial fallback
+    loaded = {line.split()[-1] for line in maps.read_text().splitlines() if "libgomp" in line}
+    assert len(loaded) == 1  # not a second runtime with a second pool of threads
