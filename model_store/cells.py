@@ -8,7 +8,8 @@ matmul over all steps at the end. That is the same arithmetic autograd would do,
 a graph of a dozen small nodes per step, and it is most of why training is fast on a CPU.
 A test checks every gradient against autograd through torch.nn.RNN/GRU/LSTM. On a CPU in
 float32 each step's arithmetic (these cells and their derivatives) runs fused in C instead
-(kernels.py); the functions here stay the reference and what runs everywhere else.
+(kernels.py), and in training so do the steps' products, all steps of a layer in one call; the
+functions here stay the reference and what runs everywhere else.
 
 Names: `xg` = X_t W_x* + b_i* and `hg` = H_{t-1} W_h* + b_h*, the gate blocks side by
 side; a cell returns the new H, the new C (LSTM only) and what its backward needs.
@@ -112,18 +113,24 @@ class Recurrence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, cell, xg, h0, c0, w_hh, b_hh):
         step = CELLS[cell][0]
-        hidden = fixed(w_hh, b_hh)  # H_{t-1} W_hh + b_hh, on oneDNN with W_hh packed once (onednn.py)
         ctx.cell = cell
         ctx.fused = kernels.applies(xg, h0, c0, w_hh)
         ctx.autocast = (xg.device.type, torch.is_autocast_enabled(xg.device.type),
                         torch.get_autocast_dtype(xg.device.type))
-        if ctx.fused:  # each step's gate arithmetic in one C call (kernels.py)
+        # float32: every step, products included, in one C call; under autocast the products are
+        # autocast's (bfloat16) and each step's gate arithmetic one C call (kernels.py)
+        ctx.native = ctx.fused and not ctx.autocast[1]
+        if ctx.fused:
             h0, c0 = h0.contiguous(), c0.contiguous() if c0 is not None else None
-            hs, cs, saved = kernels.forward(cell, xg.contiguous(), h0, c0, hidden, keep=True)
+            if ctx.native:
+                hs, cs, saved = kernels.recurrence_forward(cell, xg.contiguous(), h0, c0, w_hh, b_hh, keep=True)
+            else:
+                hs, cs, saved = kernels.forward(cell, xg.contiguous(), h0, c0, fixed(w_hh, b_hh), keep=True)
             ctx.save_for_backward(h0, c0, hs, cs, saved, w_hh)
             return hs, cs[-1] if cs is not None else h0.new_zeros(())
         H, C = h0, c0
         hs, cs, saved = [], [], []
+        hidden = fixed(w_hh, b_hh)  # H_{t-1} W_hh + b_hh, on oneDNN with W_hh packed once (onednn.py)
         for x_t in xg.unbind(0):
             cs.append(C)
             H, C, s = step(x_t, hidden(H), H, C)
@@ -167,8 +174,13 @@ class Recurrence(torch.autograd.Function):
         device_type, autocast, dtype = ctx.autocast
         d_hs = torch.zeros_like(hs) if d_hs is None else d_hs.float().contiguous()
         with torch.autocast(device_type, dtype=dtype, enabled=autocast):  # as the forward ran
-            through_w_hh = fixed(w_hh.t(), None)  # dhg @ W_hh
-            dxg, dhg, d_h0, d_c0 = kernels.backward(ctx.cell, d_hs, d_c_last, h0, c0, hs, cs, saved, through_w_hh)
+            if ctx.native:
+                dxg, dhg, d_h0, d_c0 = kernels.recurrence_backward(ctx.cell, d_hs, d_c_last, h0, c0, hs, cs, saved,
+                                                                   w_hh)
+            else:
+                through_w_hh = fixed(w_hh.t(), None)  # dhg @ W_hh
+                dxg, dhg, d_h0, d_c0 = kernels.backward(ctx.cell, d_hs, d_c_last, h0, c0, hs, cs, saved,
+                                                        through_w_hh)
             # W_hh's gradient: sum over steps of dhg_t^T H_{t-1}, the steps after the first in one matmul
             d_w_hh = weight_grad(dhg[0], h0).float()
             if len(hs) > 1:

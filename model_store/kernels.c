@@ -20,6 +20,7 @@
  * element is computed by one thread in a fixed order, so the results never depend on the
  * thread count. */
 #include <math.h>
+#include <string.h>
 
 static inline float sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
 
@@ -130,6 +131,153 @@ void lstm_backward(long rows, long n, const float *restrict dmm, const float *re
             dx[2 * n + j] = dc * i * (1.0f - ct * ct);
             dx[3 * n + j] = dh * tc * o * (1.0f - o);
             d_c_out[k + j] = dc * f;
+        }
+    }
+}
+
+/* ---- The recurrence of one layer over all steps, for training: each step's product H W_hh^T
+ * (forward) or dG W_hh (backward) and its gate arithmetic, in one call for all steps, on torch's
+ * OpenMP threads. A per-step oneDNN product from Python cost ~15 us of fixed overhead on top of
+ * ~8 us of arithmetic (32 x 256 x 256); here a step costs ~10 us. */
+
+typedef float v16 __attribute__((vector_size(64), aligned(4)));  /* 16 floats: one AVX-512 register */
+#define PANEL 32  /* columns of a packed panel of B: two vectors */
+#define TILE 8    /* rows of A per tile: 8 x 2 accumulators */
+
+/* B (K, N), B[k][j] = src[j * stride_n + k * stride_k], packed into panels of PANEL columns:
+ * out[p][k][j] = B[k][p * PANEL + j], zero past column N. out holds ceil(N / PANEL) * K * PANEL. */
+void pack_panels(long N, long K, const float *restrict src, long stride_n, long stride_k, float *restrict out) {
+    long panels = (N + PANEL - 1) / PANEL;
+    for (long p = 0; p < panels; p++)
+        for (long k = 0; k < K; k++)
+            for (long j = 0; j < PANEL; j++) {
+                long col = p * PANEL + j;
+                out[(p * K + k) * PANEL + j] = col < N ? src[col * stride_n + k * stride_k] : 0.0f;
+            }
+}
+
+/* c[i][j] = bias[j] + sum over k of a[i][k] * panel[k][j], for `rows` <= TILE rows of a (row
+ * stride K) and the panel's first `cols` columns; c has row stride ldc. */
+static inline void product_tile(long K, const float *restrict a, long rows, const float *restrict panel,
+                                const float *restrict bias, long cols, float *restrict c, long ldc) {
+    float edge[PANEL] = {0};
+    for (long j = 0; bias && j < cols; j++)
+        edge[j] = bias[j];
+    v16 b0, b1, acc[TILE][2];
+    memcpy(&b0, edge, sizeof b0);
+    memcpy(&b1, edge + 16, sizeof b1);
+    for (int i = 0; i < TILE; i++) {
+        acc[i][0] = b0;
+        acc[i][1] = b1;
+    }
+    if (rows == TILE) {  /* the common case, fully unrolled: 16 accumulators in registers */
+        for (long k = 0; k < K; k++) {
+            v16 x0, x1;
+            memcpy(&x0, panel + k * PANEL, sizeof x0);
+            memcpy(&x1, panel + k * PANEL + 16, sizeof x1);
+            #pragma GCC unroll 8
+            for (int i = 0; i < TILE; i++) {
+                v16 ai = (v16){} + a[i * K + k];
+                acc[i][0] += ai * x0;
+                acc[i][1] += ai * x1;
+            }
+        }
+    } else {
+        for (long k = 0; k < K; k++) {
+            v16 x0, x1;
+            memcpy(&x0, panel + k * PANEL, sizeof x0);
+            memcpy(&x1, panel + k * PANEL + 16, sizeof x1);
+            for (long i = 0; i < rows; i++) {
+                v16 ai = (v16){} + a[i * K + k];
+                acc[i][0] += ai * x0;
+                acc[i][1] += ai * x1;
+            }
+        }
+    }
+    for (long i = 0; i < rows; i++) {
+        memcpy(edge, &acc[i][0], sizeof b0);
+        memcpy(edge + 16, &acc[i][1], sizeof b1);
+        memcpy(c + i * ldc, edge, cols * sizeof(float));
+    }
+}
+
+/* c (M, N) = a (M, K) @ B + bias (bias: N floats or NULL), B packed by pack_panels. Called inside
+ * a parallel region, its tiles are shared among the threads (an orphaned `omp for`, ending in a
+ * barrier); each element is computed by one thread in one order, whatever the thread count. */
+static void panel_product(long M, long N, long K, const float *restrict a, const float *restrict packed,
+                          const float *restrict bias, float *restrict c) {
+    long panels = (N + PANEL - 1) / PANEL, blocks = (M + TILE - 1) / TILE;
+    #pragma omp for schedule(static)
+    for (long t = 0; t < panels * blocks; t++) {
+        long p = t / blocks, r = t % blocks;
+        long rows = M - r * TILE < TILE ? M - r * TILE : TILE, cols = N - p * PANEL < PANEL ? N - p * PANEL : PANEL;
+        product_tile(K, a + r * TILE * K, rows, packed + p * K * PANEL, bias ? bias + p * PANEL : NULL, cols,
+                     c + r * TILE * N + p * PANEL, N);
+    }
+}
+
+/* All steps of one layer forward: for t, hg = H_{t-1} W_hh^T + b_hh (packed: W_hh^T by
+ * pack_panels; hg: rows x gates*n scratch) and the cell's arithmetic, as *_forward: hs (steps,
+ * rows, n), cs (LSTM), saved (steps, rows, width*n; one step's worth without `keep`). */
+void recurrence_forward(int cell, long steps, long rows, long n, const float *restrict xg,
+                        const float *restrict h0, const float *restrict c0, const float *restrict packed,
+                        const float *restrict bias, float *restrict hg, float *restrict hs, float *restrict cs,
+                        float *restrict saved, int keep) {
+    long gates = cell == 0 ? 1 : cell == 1 ? 3 : 4, width = cell == 1 ? 4 : 5;
+    #pragma omp parallel
+    for (long t = 0; t < steps; t++) {
+        const float *h_prev = t ? hs + (t - 1) * rows * n : h0;
+        const float *c_prev = cell == 2 ? (t ? cs + (t - 1) * rows * n : c0) : NULL;
+        float *s = cell ? saved + (keep ? t : 0) * rows * width * n : NULL;
+        panel_product(rows, gates * n, n, h_prev, packed, bias, hg);
+        #pragma omp for schedule(static)
+        for (long b = 0; b < rows; b++) {
+            const float *x = xg + (t * rows + b) * gates * n, *g = hg + b * gates * n;
+            float *h = hs + (t * rows + b) * n;
+            if (cell == 0)
+                rnn_row(n, x, g, h);
+            else if (cell == 1)
+                gru_row(n, x, g, h_prev + b * n, h, s + b * width * n);
+            else
+                lstm_row(n, x, g, c_prev + b * n, h, cs + (t * rows + b) * n, s + b * width * n);
+        }
+    }
+}
+
+/* Backpropagation through all steps of `recurrence_forward` (as kernels.py's `backward` loop): for
+ * t from the last, the cell's backward (*_backward) and then dmm = dhg_t W_hh (packed: W_hh by
+ * pack_panels), the gradient reaching H_{t-1} through the product. dmm (rows, n) is zero on entry
+ * and holds the gradient of h0's product on return; ping holds the gradient passed between steps
+ * outside the product (GRU: through Z * H_{t-1}; LSTM: dC, d_c_last on entry), pong is scratch of
+ * the same size: after an odd number of steps the last one is in pong. */
+void recurrence_backward(int cell, long steps, long rows, long n, const float *restrict d_hs,
+                         const float *restrict h0, const float *restrict c0, const float *restrict hs,
+                         const float *restrict cs, const float *restrict saved, const float *restrict packed,
+                         float *restrict dxg, float *restrict dhg, float *restrict dmm, float *ping, float *pong) {
+    long gates = cell == 0 ? 1 : cell == 1 ? 3 : 4, width = cell == 1 ? 4 : 5;
+    #pragma omp parallel
+    {
+        float *in = ping, *out = pong;  /* each thread swaps its own copies, in step */
+        for (long t = steps - 1; t >= 0; t--) {
+            long at = t * rows * n;
+            const float *h_prev = t ? hs + at - rows * n : h0;
+            float *dx = dxg + t * rows * gates * n, *dg = dhg + t * rows * gates * n;
+            #pragma omp for schedule(static)
+            for (long b = 0; b < rows; b++) {
+                long k = b * n, kg = b * gates * n;
+                if (cell == 0)
+                    rnn_backward(1, n, dmm + k, d_hs + at + k, hs + at + k, dx + kg);
+                else if (cell == 1)
+                    gru_backward(1, n, dmm + k, in + k, d_hs + at + k, h_prev + k, saved + (at + k) * width,
+                                 dx + kg, dg + kg, out + k);
+                else
+                    lstm_backward(1, n, dmm + k, d_hs + at + k, in + k, (t ? cs + at - rows * n : c0) + k,
+                                  saved + (at + k) * width, dx + kg, out + k);
+            }
+            float *swap = in;
+            in = out;
+            out = swap;
+            panel_product(rows, n, gates * n, dg, packed, NULL, dmm);
         }
     }
 }

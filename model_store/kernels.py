@@ -1,9 +1,12 @@
-"""The fused cell steps of kernels.c: compiled on first use, called through ctypes.
+"""The fused loops of kernels.c: compiled on first use, called through ctypes.
 
 A recurrent layer's step is one matmul and then a dozen element-wise torch ops (twenty in its
 backward) on small (batch, hidden) tensors, each paying torch's per-op overhead: at batch 32 and
 256 hidden the GRU's gate arithmetic took ~75 us per step forward against ~8 us fused. So on a
-CPU, in float32, the `scratch` recurrence (cells.py) runs each step's arithmetic here.
+CPU, in float32, the `scratch` recurrence (cells.py) runs each step's arithmetic here; in
+training, the steps' products too, all steps of a layer in one call (`recurrence_forward`,
+`recurrence_backward`). Also here: the one-hot input gates (`OneHotGates`), the training loss
+(`CrossEntropy`), and the generation path's step, argmax, seen marks and sampler rounds.
 
 The C file is compiled once per machine with the system's C compiler (`$CC`, else `cc`),
 optimised for the CPU it runs on, into `$LYRICS_KERNEL_CACHE` (default
@@ -42,6 +45,7 @@ FLAGS = ["-O3", "-ffast-math", "-march=native", "--param", "vect-max-peeling-for
 LIBS = ["-lmvec", "-lm"]
 SAVED_WIDTH = {"rnn": 0, "gru": 4, "lstm": 5}  # columns of `saved` per step, in units of hidden size
 CELLS = {"rnn": 0, "gru": 1, "lstm": 2}  # kernels.c's cell numbers
+GATES = {"rnn": 1, "gru": 3, "lstm": 4}  # gate blocks side by side in each cell's weights
 
 _lock = threading.Lock()
 _library: ctypes.CDLL | None = None
@@ -125,7 +129,14 @@ def _compile() -> ctypes.CDLL:
     library.onehot_gates.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_long] + [ctypes.c_void_p] * 4
     library.onehot_gates.restype = ctypes.c_long
     library.onehot_gates_backward.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_long] + [ctypes.c_void_p] * 4
-    for name in [*pointers, "cross_entropy", "argmax_rows", "sample_rows", "onehot_gates_backward"]:
+    library.pack_panels.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_long, ctypes.c_long,
+                                    ctypes.c_void_p]
+    library.recurrence_forward.argtypes = ([ctypes.c_int, ctypes.c_long, ctypes.c_long, ctypes.c_long]
+                                           + [ctypes.c_void_p] * 9 + [ctypes.c_int])
+    library.recurrence_backward.argtypes = ([ctypes.c_int, ctypes.c_long, ctypes.c_long, ctypes.c_long]
+                                            + [ctypes.c_void_p] * 12)
+    for name in [*pointers, "cross_entropy", "argmax_rows", "sample_rows", "onehot_gates_backward", "pack_panels",
+                 "recurrence_forward", "recurrence_backward"]:
         getattr(library, name).restype = None
     return library
 
@@ -223,6 +234,61 @@ def mark_seen(seen: torch.Tensor, ids: torch.Tensor) -> None:
         raise IndexError(f"character index {int(ids[bad])} is outside the vocabulary (size {seen.shape[1]})")
 
 
+PANEL = 32  # kernels.c's columns per packed panel
+
+
+def pack(weight: torch.Tensor, transposed: bool) -> torch.Tensor:
+    """A (out, in) weight W packed for kernels.c's products: for X @ W^T (`transposed`: the
+    forward's H W_hh^T) or for X @ W (the backward's dG W_hh)."""
+    weight = weight.detach().contiguous()
+    rows, cols = weight.shape
+    N, K, stride_n, stride_k = (rows, cols, cols, 1) if transposed else (cols, rows, 1, cols)
+    packed = weight.new_empty(-(-N // PANEL) * K * PANEL)
+    library().pack_panels(N, K, weight.data_ptr(), stride_n, stride_k, packed.data_ptr())
+    return packed
+
+
+def recurrence_forward(cell: str, xg: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor | None, w_hh: torch.Tensor,
+                       b_hh: torch.Tensor | None, keep: bool):
+    """`forward` with H_{t-1} W_hh^T + b_hh computed by kernels.c too: all steps in one C call
+    (float32, no autocast). Same returns as `forward`."""
+    steps, rows, n = xg.shape[0], h0.shape[0], h0.shape[1]
+    hs = xg.new_empty(steps, rows, n)
+    cs = xg.new_empty(steps, rows, n) if cell == "lstm" else None
+    width = SAVED_WIDTH[cell]
+    saved = xg.new_empty(steps if keep else 1, rows, width * n) if width else None
+    hg = xg.new_empty(rows, w_hh.shape[0])
+    packed, bias = pack(w_hh, transposed=True), b_hh.detach().contiguous() if b_hh is not None else None
+    library().recurrence_forward(CELLS[cell], steps, rows, n, xg.data_ptr(), h0.data_ptr(),
+                                 c0.data_ptr() if c0 is not None else None, packed.data_ptr(),
+                                 bias.data_ptr() if bias is not None else None, hg.data_ptr(), hs.data_ptr(),
+                                 cs.data_ptr() if cs is not None else None,
+                                 saved.data_ptr() if saved is not None else None, int(keep))
+    return hs, cs, (saved if keep else None)
+
+
+def recurrence_backward(cell: str, d_hs: torch.Tensor, d_c_last: torch.Tensor | None, h0: torch.Tensor, c0, hs, cs,
+                        saved, w_hh: torch.Tensor):
+    """`backward` with each step's dG W_hh computed by kernels.c too: all steps in one C call.
+    Same returns as `backward`."""
+    steps, rows, n = hs.shape
+    dxg = d_hs.new_empty(steps, rows, GATES[cell] * n)
+    dhg = torch.empty_like(dxg) if cell == "gru" else dxg
+    dmm, ping, pong = torch.zeros_like(h0), torch.zeros_like(h0), torch.empty_like(h0)
+    if cell == "lstm" and d_c_last is not None:
+        ping.copy_(d_c_last)
+    packed = pack(w_hh, transposed=False)  # held here: the call only gets its address
+    library().recurrence_backward(CELLS[cell], steps, rows, n, d_hs.data_ptr(), h0.data_ptr(),
+                                  c0.data_ptr() if c0 is not None else None, hs.data_ptr(),
+                                  cs.data_ptr() if cs is not None else None,
+                                  saved.data_ptr() if saved is not None else None,
+                                  packed.data_ptr(), dxg.data_ptr(), dhg.data_ptr(),
+                                  dmm.data_ptr(), ping.data_ptr(), pong.data_ptr())
+    last = pong if steps % 2 else ping  # the buffers swap roles every step
+    d_h0 = dmm + last if cell == "gru" else dmm
+    return dxg, dhg, d_h0, (last if cell == "lstm" else None)
+
+
 def backward(cell: str, d_hs: torch.Tensor, d_c_last: torch.Tensor | None, h0: torch.Tensor, c0, hs, cs, saved,
              through_w_hh):
     """Backpropagation through the steps of `forward`. d_hs (steps, batch, n): the gradient of every
@@ -231,7 +297,7 @@ def backward(cell: str, d_hs: torch.Tensor, d_c_last: torch.Tensor | None, h0: t
     where they are equal), and of h0 and c0."""
     lib = library()
     steps, rows, n = hs.shape
-    gates = d_hs.new_empty(steps, rows, {"rnn": 1, "gru": 3, "lstm": 4}[cell] * n)
+    gates = d_hs.new_empty(steps, rows, GATES[cell] * n)
     dxg = gates
     dhg = torch.empty_like(gates) if cell == "gru" else gates
     zeros = torch.zeros_like(h0)

@@ -38,8 +38,8 @@ from torch import nn
 
 from model_store import kernels, onednn
 from model_store.cells import recurrence
+from model_store.kernels import GATES
 
-GATES = {"rnn": 1, "gru": 3, "lstm": 4}
 IMPLS = ("scratch", "fused")
 
 State = torch.Tensor | tuple[torch.Tensor, torch.Tensor]

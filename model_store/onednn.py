@@ -10,7 +10,8 @@ x 2,582: 200 against 460 us). So on a CPU in float32 the model's products go thr
   `Linear`, whose backward is on oneDNN too. Anything else (a GPU, autocast's bfloat16, which
   torch already runs on oneDNN, other dtypes) goes to `F.linear`.
 * `PackedLinear`: a weight kept in oneDNN's blocked layout, for the many products of one
-  weight in a row (the steps of a recurrent layer, a served model). A weight changed since it
+  weight in a row (the steps of a recurrent layer without a gradient, a served model;
+  training's float32 recurrence runs its steps' products in kernels.c). A weight changed since it
   was packed (its tensor version moved) is packed again before use. With a packed weight a
   row's result is bit for bit the same at every batch size (MKL's differ between one row and
   several), which is what lets a request served in a batch get exactly what it gets alone.
