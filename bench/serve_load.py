@@ -85,8 +85,29 @@ def stop(process: subprocess.Popen) -> None:
         process.kill()
 
 
-async def drive(url: str, concurrency: int, requests: int, mode: dict, model: str | None) -> dict:
-    """`requests` requests from `concurrency` clients; latency per request, totals over the wall time.
+def thread_cpu(pid: int) -> dict[int, float]:
+    """CPU seconds (user + system) of each thread of a process, by thread id."""
+    seconds = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the thread ended
+            continue
+        seconds[int(task.name)] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return seconds
+
+
+def cpu_split(pid: int, before: dict[int, float], after: dict[int, float], client: float, wall: float) -> dict:
+    """Cores used during a load: the server's main thread (its event loop), its other threads (busiest
+    first: the scheduler and torch's OpenMP worker) and the load generator (this process)."""
+    used = {tid: (after[tid] - before.get(tid, 0.0)) / wall for tid in after}
+    others = sorted((c for tid, c in used.items() if tid != pid), reverse=True)
+    return {"main": used.get(pid, 0.0), "others": [c for c in others if c >= 0.01], "client": client / wall}
+
+
+async def drive(url: str, concurrency: int, requests: int, mode: dict, model: str | None, pid: int) -> dict:
+    """`requests` requests from `concurrency` clients; latency per request, totals over the wall time,
+    and the cores the server's threads and the load generator used meanwhile (`cpu_split`).
 
     The load generator is aiohttp: httpx's async client saturated one of this machine's two cores at
     about 400 requests/s (against a bare ASGI app), which would have measured the client, not the server."""
@@ -111,13 +132,15 @@ async def drive(url: str, concurrency: int, requests: int, mode: dict, model: st
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=600)) as http:
         async with http.post(f"{url}/generate", json={**bodies[0], "max_chars": 5}) as r:  # warm-up
             r.raise_for_status()
+        server_before, client_before = thread_cpu(pid), time.process_time()
         began = time.perf_counter()
         await asyncio.gather(*(client(http) for _ in range(concurrency)))
         wall = time.perf_counter() - began
+        cpu = cpu_split(pid, server_before, thread_cpu(pid), time.process_time() - client_before, wall)
     latencies.sort()
     q = statistics.quantiles(latencies, n=100, method="inclusive") if len(latencies) > 1 else latencies * 99
     return {"p50": q[49] * 1000, "p99": q[98] * 1000, "rps": len(latencies) / wall, "cps": chars / wall,
-            "errors": errors, "n": requests}
+            "errors": errors, "n": requests, "cpu": cpu}
 
 
 def model_step_ceiling(path: Path, batch: int, steps: int = 300, repeats: int = 5) -> float:
@@ -183,7 +206,7 @@ def main(argv=None) -> None:
         try:
             for mode in args.modes:
                 for c, n in zip(args.concurrency, counts, strict=True):
-                    r = asyncio.run(drive(url, c, n, MODES[mode], "gru" if name == "service" else None))
+                    r = asyncio.run(drive(url, c, n, MODES[mode], "gru" if name == "service" else None, process.pid))
                     results[name, mode, c] = r
                     print(f"{name:8} {mode:7} c={c:<3} p50 {r['p50']:8.1f} ms  p99 {r['p99']:8.1f} ms  "
                           f"{r['rps']:7.1f} req/s  {r['cps']:8.0f} chars/s  errors {r['errors']}", flush=True)
@@ -231,6 +254,13 @@ def report(args, results, ceilings, vocab, rss, startup, bundled_rss) -> str:
               f"{ceiling:,.0f} chars/s; the service "
               f"at concurrency {top}: " + ", ".join(f"{m} {results['service', m, top]['cps'] / ceiling:.0%}"
                                                      for m in args.modes if ('service', m, top) in results) + ".",
+              "Cores in use at concurrency " + str(top) + " (of " + str(len(os.sched_getaffinity(0))) + "; the "
+              "service's main thread runs its event loop, its busiest other threads are the scheduler and torch's "
+              "OpenMP worker): " + "; ".join(
+                  f"{m}: main {cpu['main']:.2f}, others {' + '.join(f'{c:.2f}' for c in cpu['others'])}, "
+                  f"load generator {cpu['client']:.2f}"
+                  for m in args.modes if ("service", m, top) in results
+                  for cpu in [results["service", m, top]["cpu"]]) + ".",
               f"Resident memory after the load: baseline {rss.get('baseline', float('nan')):.0f} MiB, "
               f"service {rss.get('service', float('nan')):.0f} MiB.",
               f"Service with the bundled models: ready in {startup:.1f} s, {bundled_rss:.0f} MiB resident "

@@ -93,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--init-std", type=float, default=0.0,
                    help="0: torch's default initialisation; S > 0: weights from N(0, S) and zero biases "
                         "(the tutorial uses 0.01)")
+    t.add_argument("--single-bias", action="store_true",
+                   help="hold the recurrent biases b_hh at zero, leaving one bias per gate as the tutorial's cells "
+                        "have (torch's have two, b_ih + b_hh, which under SGD move twice as fast)")
     t.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
                    help="bf16: mixed precision, forward matmuls in bfloat16 (faster on CPUs with AVX512-BF16/AMX and "
                         "on GPUs); weights, optimizer and loss stay float32")

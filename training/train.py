@@ -79,6 +79,7 @@ class TrainConfig:
     clip: float = 1.0
     weight_decay: float = 0.0
     init_std: float = 0.0  # > 0: weights drawn from N(0, init_std), biases zero (the tutorial's 0.01)
+    single_bias: bool = False  # hold the recurrent biases b_hh at zero: one bias per gate, as the tutorial's cells
     label_smoothing: float = 0.0  # share of each target's probability spread evenly over the vocabulary
     weight_drop: float = 0.0
     tie_weights: bool = False
@@ -153,6 +154,13 @@ def setup(cfg: TrainConfig, corpus: Corpus, device: torch.device) -> tuple[CharL
                 torch.nn.init.normal_(param, 0.0, cfg.init_std)
             else:
                 torch.nn.init.zeros_(param)
+    if cfg.single_bias:
+        # torch's cells add two biases (b_ih + b_hh), the tutorial's one (b_h): with both trained, SGD
+        # moves the gates' bias twice as fast and counts its gradient twice in the clipped norm
+        for name, param in model.named_parameters():
+            if name.startswith("rnn.bias_hh"):
+                torch.nn.init.zeros_(param)
+                param.requires_grad_(False)
     model.to(device)
     keep_freed_memory()
     return model, make_optimizer(cfg, model), rng

@@ -144,6 +144,23 @@ def test_init_std_draws_the_tutorials_normal_weights_and_zero_biases(corpus_file
     assert any(torch.count_nonzero(p) > 0 for p in default.parameters() if p.dim() == 1)  # torch's own init
 
 
+def test_single_bias_keeps_the_recurrent_biases_at_zero_and_trains_the_others(corpus_file, tiny_train_config,
+                                                                              tmp_path):
+    # the tutorial's cells have one bias per gate (b_h); torch's have two (b_ih + b_hh)
+    cfg = tiny_train_config(corpus_file, tmp_path / "m.safetensors", cell="gru", num_layers=2, epochs=2,
+                            single_bias=True, optimizer="sgd", lr=1.0)
+    from training.train import setup
+
+    initial = dict(setup(cfg, load_corpus(cfg.corpus), torch.device("cpu"))[0].named_parameters())
+    run(cfg)
+    tensors = load_file(cfg.out)
+    for layer in (0, 1):
+        assert torch.count_nonzero(tensors[f"rnn.bias_hh_l{layer}"]) == 0
+        assert not torch.equal(tensors[f"rnn.bias_ih_l{layer}"], initial[f"rnn.bias_ih_l{layer}"])  # trained
+    run(replace(cfg, single_bias=False))
+    assert torch.count_nonzero(load_file(cfg.out)["rnn.bias_hh_l0"]) > 0
+
+
 def test_metrics_have_one_json_line_per_epoch(trained):
     lines = trained.paths["metrics"].read_text().splitlines()
     assert len(lines) == trained.cfg.epochs
