@@ -31,7 +31,7 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix .
 
 bench-train: $(STAMP)
-	$(PY) bench/train_speed.py --corpus $(CORPUS)
+	$(PY) bench/train_speed.py --corpus $(CORPUS) --ppl-seeds 5
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
