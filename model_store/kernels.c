@@ -253,7 +253,8 @@ void recurrence_forward(int cell, long steps, long rows, long n, const float *re
 void recurrence_backward(int cell, long steps, long rows, long n, const float *restrict d_hs,
                          const float *restrict h0, const float *restrict c0, const float *restrict hs,
                          const float *restrict cs, const float *restrict saved, const float *restrict packed,
-                         float *restrict dxg, float *restrict dhg, float *restrict dmm, float *ping, float *pong) {
+                         float *dxg, float *dhg, float *restrict dmm, float *ping, float *pong) {
+    /* dxg and dhg are one buffer but for the GRU: not restrict */
     long gates = cell == 0 ? 1 : cell == 1 ? 3 : 4, width = cell == 1 ? 4 : 5;
     #pragma omp parallel
     {
