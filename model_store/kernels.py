@@ -172,7 +172,7 @@ class Steps:
     """Addresses of step t's slices of (steps, batch, width) tensors, for the kernels' pointer arguments."""
 
     def __init__(self, tensor: torch.Tensor | None):
-        self.base = tensor.data_ptr() if tensor is not None else None
+        self.base = pointer(tensor)
         self.stride = tensor.stride(0) * tensor.element_size() if tensor is not None else 0
 
     def __getitem__(self, t: int) -> int | None:
@@ -191,17 +191,40 @@ def cell_forward(cell: str, rows: int, n: int, x: int, hg: int, h: int, c: int |
         lib.lstm_forward(rows, n, x, hg, c, h_out, c_out, saved)
 
 
+def layer_outputs(cell: str, xg: torch.Tensor, h0: torch.Tensor, keep: bool):
+    """The buffers a layer's forward fills: every step's H, every step's C (LSTM, else None) and
+    what the backward needs (one step's worth without `keep`; None for the RNN, whose H is it)."""
+    steps, rows, n = xg.shape[0], h0.shape[0], h0.shape[1]
+    width = SAVED_WIDTH[cell]
+    return (xg.new_empty(steps, rows, n), xg.new_empty(steps, rows, n) if cell == "lstm" else None,
+            xg.new_empty(steps if keep else 1, rows, width * n) if width else None)
+
+
+def backward_buffers(cell: str, d_hs: torch.Tensor, d_c_last: torch.Tensor | None, h0: torch.Tensor):
+    """The buffers a layer's backward fills: the gradients of xg and of the products (one tensor but
+    for the GRU), and the ping-pong pair passed between steps outside W_hh (GRU: through
+    Z * H_{t-1}; LSTM: dC, starting from d_c_last)."""
+    dxg = d_hs.new_empty(*d_hs.shape[:2], GATES[cell] * d_hs.shape[2])
+    dhg = torch.empty_like(dxg) if cell == "gru" else dxg
+    ping, pong = torch.zeros_like(h0), torch.empty_like(h0)
+    if cell == "lstm" and d_c_last is not None:
+        ping.copy_(d_c_last)
+    return dxg, dhg, ping, pong
+
+
+def pointer(t: torch.Tensor | None) -> int | None:
+    """A tensor's address for a kernel's pointer argument (NULL for None)."""
+    return t.data_ptr() if t is not None else None
+
+
 def forward(cell: str, xg: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor | None, hidden, keep: bool):
     """All steps of one layer: xg (steps, batch, gates * n) contiguous; hidden(H) = H W_hh^T + b_hh.
     Returns every step's H (steps, batch, n), every step's C (LSTM, else None) and, with `keep`,
     what the backward needs (steps, batch, width * n) (else None)."""
     steps, rows, n = xg.shape[0], h0.shape[0], h0.shape[1]
-    hs = xg.new_empty(steps, rows, n)
-    cs = xg.new_empty(steps, rows, n) if cell == "lstm" else None
-    width = SAVED_WIDTH[cell]
-    saved = xg.new_empty(steps if keep else 1, rows, width * n) if width else None
+    hs, cs, saved = layer_outputs(cell, xg, h0, keep)
     X, Hs, Cs, S = Steps(xg), Steps(hs), Steps(cs), Steps(saved)
-    H, h_ptr, c_ptr = h0, h0.data_ptr(), c0.data_ptr() if c0 is not None else None
+    H, h_ptr, c_ptr = h0, h0.data_ptr(), pointer(c0)
     for t in range(steps):
         hg = hidden(H).float()  # bfloat16 under autocast
         cell_forward(cell, rows, n, X[t], hg.data_ptr(), h_ptr, c_ptr, Hs[t], Cs[t], S[t if keep else 0])
@@ -215,9 +238,9 @@ def step(cell: str, x: torch.Tensor, ids: torch.Tensor | None, hg: torch.Tensor,
     of row b are x[ids[b]] (the first layer's input table) or, with ids None, x[b] (an upper layer's
     input product); hg = H W_hh^T + b_hh. Every tensor float32 (ids int64), contiguous, CPU."""
     rows, n = h.shape[-2], h.shape[-1]
-    bad = library().cell_step(CELLS[cell], rows, n, x.data_ptr(), ids.data_ptr() if ids is not None else None,
-                              x.shape[0], hg.data_ptr(), h.data_ptr(), c.data_ptr() if c is not None else None,
-                              h_out.data_ptr(), c_out.data_ptr() if c_out is not None else None)
+    bad = library().cell_step(CELLS[cell], rows, n, x.data_ptr(), pointer(ids),
+                              x.shape[0], hg.data_ptr(), h.data_ptr(), pointer(c),
+                              h_out.data_ptr(), pointer(c_out))
     if bad >= 0:
         raise IndexError(f"character index {int(ids[bad])} is outside the vocabulary (size {x.shape[0]})")
 
@@ -253,17 +276,13 @@ def recurrence_forward(cell: str, xg: torch.Tensor, h0: torch.Tensor, c0: torch.
     """`forward` with H_{t-1} W_hh^T + b_hh computed by kernels.c too: all steps in one C call
     (float32, no autocast). Same returns as `forward`."""
     steps, rows, n = xg.shape[0], h0.shape[0], h0.shape[1]
-    hs = xg.new_empty(steps, rows, n)
-    cs = xg.new_empty(steps, rows, n) if cell == "lstm" else None
-    width = SAVED_WIDTH[cell]
-    saved = xg.new_empty(steps if keep else 1, rows, width * n) if width else None
+    hs, cs, saved = layer_outputs(cell, xg, h0, keep)
     hg = xg.new_empty(rows, w_hh.shape[0])
+    # held here, not built inside the call's arguments: the call only gets their addresses
     packed, bias = pack(w_hh, transposed=True), b_hh.detach().contiguous() if b_hh is not None else None
-    library().recurrence_forward(CELLS[cell], steps, rows, n, xg.data_ptr(), h0.data_ptr(),
-                                 c0.data_ptr() if c0 is not None else None, packed.data_ptr(),
-                                 bias.data_ptr() if bias is not None else None, hg.data_ptr(), hs.data_ptr(),
-                                 cs.data_ptr() if cs is not None else None,
-                                 saved.data_ptr() if saved is not None else None, int(keep))
+    library().recurrence_forward(CELLS[cell], steps, rows, n, xg.data_ptr(), h0.data_ptr(), pointer(c0),
+                                 packed.data_ptr(), pointer(bias), hg.data_ptr(), hs.data_ptr(), pointer(cs),
+                                 pointer(saved), int(keep))
     return hs, cs, (saved if keep else None)
 
 
@@ -272,18 +291,12 @@ def recurrence_backward(cell: str, d_hs: torch.Tensor, d_c_last: torch.Tensor | 
     """`backward` with each step's dG W_hh computed by kernels.c too: all steps in one C call.
     Same returns as `backward`."""
     steps, rows, n = hs.shape
-    dxg = d_hs.new_empty(steps, rows, GATES[cell] * n)
-    dhg = torch.empty_like(dxg) if cell == "gru" else dxg
-    dmm, ping, pong = torch.zeros_like(h0), torch.zeros_like(h0), torch.empty_like(h0)
-    if cell == "lstm" and d_c_last is not None:
-        ping.copy_(d_c_last)
+    dxg, dhg, ping, pong = backward_buffers(cell, d_hs, d_c_last, h0)
+    dmm = torch.zeros_like(h0)
     packed = pack(w_hh, transposed=False)  # held here: the call only gets its address
-    library().recurrence_backward(CELLS[cell], steps, rows, n, d_hs.data_ptr(), h0.data_ptr(),
-                                  c0.data_ptr() if c0 is not None else None, hs.data_ptr(),
-                                  cs.data_ptr() if cs is not None else None,
-                                  saved.data_ptr() if saved is not None else None,
-                                  packed.data_ptr(), dxg.data_ptr(), dhg.data_ptr(),
-                                  dmm.data_ptr(), ping.data_ptr(), pong.data_ptr())
+    library().recurrence_backward(CELLS[cell], steps, rows, n, d_hs.data_ptr(), h0.data_ptr(), pointer(c0),
+                                  hs.data_ptr(), pointer(cs), pointer(saved), packed.data_ptr(), dxg.data_ptr(),
+                                  dhg.data_ptr(), dmm.data_ptr(), ping.data_ptr(), pong.data_ptr())
     last = pong if steps % 2 else ping  # the buffers swap roles every step
     d_h0 = dmm + last if cell == "gru" else dmm
     return dxg, dhg, d_h0, (last if cell == "lstm" else None)
@@ -297,15 +310,9 @@ def backward(cell: str, d_hs: torch.Tensor, d_c_last: torch.Tensor | None, h0: t
     where they are equal), and of h0 and c0."""
     lib = library()
     steps, rows, n = hs.shape
-    gates = d_hs.new_empty(steps, rows, GATES[cell] * n)
-    dxg = gates
-    dhg = torch.empty_like(gates) if cell == "gru" else gates
-    zeros = torch.zeros_like(h0)
-    ping, pong = torch.zeros_like(h0), torch.empty_like(h0)  # GRU: d_direct; LSTM: dC, in and out
-    if cell == "lstm" and d_c_last is not None:
-        ping.copy_(d_c_last)
+    dxg, dhg, ping, pong = backward_buffers(cell, d_hs, d_c_last, h0)
     D, Hs, Cs, S, DX, DG = Steps(d_hs), Steps(hs), Steps(cs), Steps(saved), Steps(dxg), Steps(dhg)
-    dmm = zeros
+    dmm = torch.zeros_like(h0)
     for t in range(steps - 1, -1, -1):
         h_prev = Hs[t - 1] if t else h0.data_ptr()
         if cell == "rnn":
@@ -381,7 +388,7 @@ class CrossEntropy(torch.autograd.Function):
         nll, mean_logp = logits.new_empty(rows), logits.new_empty(rows)
         dlogits = torch.empty_like(logits) if ctx.needs_input_grad[0] else None
         library().cross_entropy(rows, vocab, logits.data_ptr(), targets.data_ptr(), eps, rows, nll.data_ptr(),
-                                mean_logp.data_ptr(), dlogits.data_ptr() if dlogits is not None else None)
+                                mean_logp.data_ptr(), pointer(dlogits))
         ctx.save_for_backward(dlogits)
         nll = nll.mean()
         loss = (1 - eps) * nll - eps * mean_logp.mean() if eps else nll.clone()
@@ -409,7 +416,7 @@ class OneHotGates(torch.autograd.Function):
         positions = ids.t().contiguous()  # time-major
         out = weight.new_empty(*positions.shape, width)
         bad = library().onehot_gates(positions.numel(), width, vocab, weight.data_ptr(),
-                                     bias.data_ptr() if bias is not None else None, positions.data_ptr(),
+                                     pointer(bias), positions.data_ptr(),
                                      out.data_ptr())
         if bad >= 0:
             raise IndexError(f"character index {int(positions.view(-1)[bad])} is outside the vocabulary "
@@ -426,7 +433,7 @@ class OneHotGates(torch.autograd.Function):
         d_weight = d_out.new_empty(width, vocab)
         d_bias = d_out.new_empty(width) if ctx.has_bias else None
         library().onehot_gates_backward(positions.numel(), width, vocab, d_out.data_ptr(), positions.data_ptr(),
-                                        d_weight.data_ptr(), d_bias.data_ptr() if d_bias is not None else None)
+                                        d_weight.data_ptr(), pointer(d_bias))
         return d_weight, d_bias, None
 
 
