@@ -2,10 +2,11 @@
 
 Trains a small model on CUDA for a few epochs, generates on CUDA, checks that CUDA and
 CPU logits agree within tolerance, that a CUDA-trained checkpoint loads on a CPU, and
-that the scratch and fused implementations agree on CUDA, and that the web service started
+that the scratch and fused implementations agree on CUDA, that the web service started
 with LYRICS_DEVICE=cuda answers /generate and /perplexity as the CPU service does
-(`check_app`). Prints one JSON summary; exits 1 on any failed check and 2 when no CUDA
-device is present.
+(`check_app`), and that the continuous-batching engine on CUDA gives each of many concurrent
+requests what it gets alone, with its throughput beside the CPU's (`check_engine`). Prints
+one JSON summary; exits 1 on any failed check and 2 when no CUDA device is present.
 
     python scripts/gpu_check.py
 """
@@ -26,11 +27,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from app.engine import Engine  # noqa: E402
 from app.main import create_app  # noqa: E402
 from app.settings import Settings  # noqa: E402
 from model_store.checkpoint import load_checkpoint  # noqa: E402
-from model_store.generate import generate  # noqa: E402
+from model_store.generate import Generation, generate  # noqa: E402
 from model_store.registry import BUNDLED_DIR, load_directory  # noqa: E402
+from model_store.sampling import SamplingParams  # noqa: E402
 from training.train import TrainConfig, train  # noqa: E402
 
 TEXT = "窗外的燕子 在屋檐下唱歌\n你说这一句 像雨后的街道\n手中的铅笔 画着远方的船\n" * 40
@@ -110,6 +113,56 @@ def check_app(model_dir: Path, device: str = "cuda", reference: str = "cpu", rel
     return summary, failures
 
 
+async def run_engine(generations: list[Generation]) -> tuple[list[list[str]], float]:
+    """Every generation submitted at once to one engine: their texts and the wall time."""
+    engine = Engine(max_batch=64, max_queue=len(generations))
+    engine.start()
+    try:
+        t0 = time.perf_counter()
+        results = await asyncio.gather(*(engine.complete(g) for g in generations))
+        return [[c.text for c in r] for r in results], time.perf_counter() - t0
+    finally:
+        engine.stop()
+
+
+def check_engine(path: Path, device: str = "cuda") -> tuple[dict, list]:
+    """Mixed concurrent requests on `device`, each against the same request alone on `device`: greedy text
+    equal unless it parts at a near-tie; then 64 concurrent 200-character greedy requests, on `device`
+    and on the CPU, for characters per second through the engine (no HTTP)."""
+    summary, failures = {}, []
+    ck = load_checkpoint(path, device=device, pack=True)
+    prefixes = [p for p in ["窗外", "你说这一句", "手中的铅笔\n", "像", "在屋檐下唱歌", "分开", "我"]
+                if not ck.vocab.unknown(p)][:5]
+    generations = [Generation(ck.model, ck.vocab, prefixes[i % len(prefixes)], 20 + 13 * i,
+                              SamplingParams() if i % 2 else SamplingParams(temperature=0.8, top_p=0.9),
+                              seed=i, n=1 + i % 3) for i in range(24)]
+    together, _ = asyncio.run(run_engine(generations))
+    alone = [[c.text for c in generate(g.model, g.vocab, g.prefix, g.max_chars, g.params, seed=g.seeds[0], n=g.n)]
+             for g in generations]
+    greedy_unequal = sampled_unequal = 0
+    for g, a, b in zip(generations, together, alone, strict=True):
+        if a == b:
+            continue
+        if g.params.temperature > 0:
+            sampled_unequal += 1
+            continue
+        greedy_unequal += 1
+        x, y = next((x, y) for x, y in zip(a, b, strict=True) if x != y)
+        common = next((i for i, (p, q) in enumerate(zip(x, y, strict=False)) if p != q), min(len(x), len(y)))
+        gap = top2_gap(ck, x[:common])
+        if gap > 1e-3:
+            failures.append(f"engine on {device}: a batched greedy request differs from the same request alone "
+                            f"after {x[:common]!r} (top-2 logit gap {gap:.2e}, not a tie)")
+    summary.update(requests=len(generations), greedy_unequal=greedy_unequal, sampled_unequal=sampled_unequal)
+    for dev in (device, "cpu"):
+        model = ck if dev == device else load_checkpoint(path, device="cpu", pack=True)
+        load = [Generation(model.model, model.vocab, prefixes[i % len(prefixes)], 200) for i in range(64)]
+        asyncio.run(run_engine(load[:8]))  # warm-up
+        texts, seconds = asyncio.run(run_engine(load))
+        summary[f"chars_per_s_c64_{dev}"] = round(sum(len(t) for r in texts for t in r) / seconds)
+    return summary, failures
+
+
 def main() -> int:
     if not torch.cuda.is_available():
         print(json.dumps({"ok": False, "reason": "no CUDA device"}))
@@ -154,6 +207,8 @@ def main() -> int:
         checks["bundled_default"] = {"name": ck.name, "sample": generate(ck.model, ck.vocab, "分开", 30)[0].text}
         checks["app_bundled"], app_failures = check_app(BUNDLED_DIR)
         failures += app_failures
+        checks["engine_bundled"], engine_failures = check_engine(BUNDLED_DIR / f"{ck.name}.safetensors")
+        failures += engine_failures
     checks["failures"] = failures
     checks["ok"] = not failures
     print(json.dumps(checks, ensure_ascii=False, indent=2))

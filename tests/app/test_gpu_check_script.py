@@ -38,3 +38,10 @@ def test_app_comparison_runs_and_passes_on_equal_devices(model_dir):
 def test_app_comparison_reports_a_failure(model_dir):
     summary, failures = load_script().check_app(model_dir / "missing", device="cpu")
     assert failures and "error" in summary
+
+
+def test_engine_comparison_runs_and_passes_on_the_cpu(model_dir):
+    summary, failures = load_script().check_engine(model_dir / "gru.safetensors", device="cpu")
+    assert failures == []
+    assert summary["requests"] == 24 and summary["greedy_unequal"] == summary["sampled_unequal"] == 0
+    assert summary["chars_per_s_c64_cpu"] > 0
