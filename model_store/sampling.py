@@ -4,7 +4,8 @@
 and their own random stream, so a row's output never depends on which other rows share
 its batch. A row draws uniform numbers only from its own stream (`Uniforms`), picks a
 character by inverse CDF over its whole distribution and keeps it if it is among the
-top-k/top-p survivors, else draws again (`sample_rows`): no sort of the vocabulary.
+top-k/top-p survivors, else draws again (`sample_rows`): no sort of the vocabulary. Where the
+C kernels are built, each round is one C call (`sample_fused`), on a GPU's logits too.
 """
 
 from __future__ import annotations
@@ -75,8 +76,10 @@ def sample_next(logits: torch.Tensor, params: Sequence[SamplingParams], seen: to
     sampled = [i for i, p in enumerate(params) if p.temperature > 0]
     if not sampled:
         return kernels.argmax(logits)
-    if kernels.applies(logits):
-        return sample_fused(logits, params, sampled, streams)
+    # On a GPU the rows are sampled on the host: one copy of the logits and the C sampler (one pass
+    # per row) cost less than the torch path's small launches and a synchronisation per round.
+    if kernels.applies(host := logits.cpu()):
+        return sample_fused(host, params, sampled, streams).to(device)
     rows = [params[i] for i in sampled]
     # a temperature so small that logits / temperature overflows would give NaN probabilities; at
     # 1e-30 the quotient stays finite for any logit below 1e8 and the draw is greedy in effect
