@@ -270,6 +270,24 @@ def test_the_recurrence_in_one_call_equals_the_step_by_step_loop(built, cell, st
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+def test_the_sampler_does_not_depend_on_the_thread_count(built):
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(40, 300, generator=g) * 3
+    uniforms = torch.rand(40, generator=g, dtype=torch.float64).tolist()
+    threads, results = torch.get_num_threads(), []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            sampler = kernels.Sampler(logits, [0.8] * 40, [300] * 20 + [3] * 20, [0.9] * 40)
+            ok = sampler.round(list(range(40)), uniforms)
+            results.append((sampler.picks.clone(), ok, sampler.weights.copy()))
+    finally:
+        torch.set_num_threads(threads)
+    (picks1, ok1, weights1), (picks2, ok2, weights2) = results
+    assert torch.equal(picks1, picks2) and ok1 == ok2 and (weights1 == weights2).all()
+    assert not all(ok1)  # top_k 3 rejects some draws: the survivor check ran too
+
+
 def test_the_recurrence_in_one_call_does_not_depend_on_the_thread_count(built):
     g = torch.Generator().manual_seed(6)
     xg, d_hs = torch.randn(9, 20, 4 * 40, generator=g), torch.randn(9, 20, 40, generator=g)
