@@ -27,12 +27,11 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
-from serve_load import PREFIXES  # noqa: E402
+from serve_load import PREFIXES, bare_step  # noqa: E402
 
 from app.engine import Engine  # noqa: E402
 from model_store.checkpoint import load_checkpoint  # noqa: E402
 from model_store.generate import Generation  # noqa: E402
-from model_store.kernels import argmax  # noqa: E402
 from model_store.registry import BUNDLED_DIR  # noqa: E402
 from model_store.sampling import SamplingParams  # noqa: E402
 
@@ -47,24 +46,9 @@ def in_own_thread(fn, *args):
         return pool.submit(fn, *args).result()
 
 
-def bare_step(model, batch: int, threads: int, steps: int = 200, repeats: int = 3) -> float:
-    """Characters/s of `steps` batched steps with argmax, the best of `repeats` (synchronised on a GPU)."""
+def bare_step_with_threads(model, batch: int, threads: int) -> float:
     torch.set_num_threads(threads)
-    device = model.dense.weight.device
-    best = 0.0
-    with torch.inference_mode():
-        ids = torch.zeros(batch, dtype=torch.long, device=device)
-        state = model.init_state(batch)
-        for _ in range(20):
-            logits, state = model.step(ids, state)
-        for _ in range(repeats):
-            began = time.perf_counter()
-            for _ in range(steps):
-                logits, state = model.step(ids, state)
-                ids = argmax(logits)
-                ids.tolist()  # the engine needs each step's characters on the host
-            best = max(best, batch * steps / (time.perf_counter() - began))
-    return best
+    return bare_step(model, batch, steps=200, repeats=3)
 
 
 async def through_engine(engine: Engine, generations: list[Generation]) -> float:
@@ -106,7 +90,7 @@ def main(argv=None) -> None:
     for device in args.devices:
         ck = load_checkpoint(args.checkpoint, device=device, pack=True)  # as the service loads it
         for threads in args.threads:
-            ceiling = in_own_thread(bare_step, ck.model, args.concurrency, threads)
+            ceiling = in_own_thread(bare_step_with_threads, ck.model, args.concurrency, threads)
             speeds = [engine_speed(ck, threads, params, args.concurrency, args.chars, args.repeats)
                       for params in MODES.values()]
             print(f"| {device} | {threads} | {ceiling:,.0f} | "

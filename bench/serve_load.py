@@ -143,14 +143,18 @@ async def drive(url: str, concurrency: int, requests: int, mode: dict, model: st
             "errors": errors, "n": requests, "cpu": cpu}
 
 
-def model_step_ceiling(path: Path, batch: int, steps: int = 300, repeats: int = 5) -> float:
-    """Characters/s of the bare batched step: lookup + GRU cell + dense + argmax (the service's own, for greedy
+def model_step_ceiling(path: Path, batch: int) -> float:
+    """`bare_step` of the checkpoint as the service loads it, on the CPU."""
+    return bare_step(load_checkpoint(path, "cpu", pack=True).model, batch)
+
+
+def bare_step(model, batch: int, steps: int = 300, repeats: int = 5) -> float:
+    """Characters/s of the bare batched step: lookup + cell + dense + argmax (the service's own, for greedy
     rows), no sampler, no server. The best of `repeats` timings of `steps` steps: one short timing on this
     VM moves by a fifth from one second to the next."""
-    model = load_checkpoint(path, "cpu", pack=True).model  # as the service loads it
     best = 0.0
     with torch.inference_mode():
-        ids = torch.zeros(batch, dtype=torch.long)
+        ids = torch.zeros(batch, dtype=torch.long, device=model.dense.weight.device)
         state = model.init_state(batch)
         for _ in range(20):
             logits, state = model.step(ids, state)
@@ -159,6 +163,7 @@ def model_step_ceiling(path: Path, batch: int, steps: int = 300, repeats: int = 
             for _ in range(steps):
                 logits, state = model.step(ids, state)  # the service's own step (model_store.generate.Batch)
                 ids = argmax(logits)
+            ids.tolist()  # waits for a GPU to finish
             best = max(best, batch * steps / (time.perf_counter() - began))
     return best
 
