@@ -20,6 +20,7 @@
  * element is computed by one thread in a fixed order, so the results never depend on the
  * thread count. */
 #include <math.h>
+#include <stdlib.h>
 #include <string.h>
 
 static inline float sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
@@ -498,5 +499,138 @@ void sample_rows(long count, long V, const long *restrict index, const float *re
             likelier += p[j] > chosen;
         }
         ok[i] = (top_p[b] >= 1.0f || mass < top_p[b] * total) && likelier < top_k[b];
+    }
+}
+
+/* The cache component of a mixture (mixture.py's HistoryCache, which is the reference and what
+ * runs elsewhere). Each row of `text` (rows, length) holds character ids, -1 where empty; for
+ * every window text[b, t:t + window] (steps = length - window + 1 of them), the Witten-Bell
+ * distribution p (rows, steps, V) of the character after it and its bucket (rows, steps): the
+ * longest matched context, 0..order. Instead of a vocabulary-wide count array per context
+ * length, each position j's match length m_j (how many of the window's last characters also end
+ * at j) is counted once per follower: counts_k[w], the positions followed by w whose match is at
+ * least k, are suffix sums of those few histograms, and p[w] = sum_k coef_k counts_k[w] + rest / V
+ * touches only the followers seen. The windows are shared among the threads. Returns -1, or the
+ * first row holding an id >= V (its p is not computed), or -2 when scratch memory could not be
+ * had. */
+long history_cache(long rows, long length, long window, long order, long V, const int *restrict text,
+                   float *restrict p, long *restrict bucket) {
+    long steps = length - window + 1, bad = -1;
+    int failed = 0;
+    #pragma omp parallel
+    {
+        long slots = order + 2;  /* hist[w]: positions by match length 0..order, then their total */
+        int *hist = calloc((size_t)(V * slots), sizeof(int));
+        int *touched = malloc((size_t)window * sizeof(int));
+        if (!hist || !touched) {
+            #pragma omp atomic write
+            failed = 1;
+        }
+        #pragma omp for schedule(static)
+        for (long i = 0; i < rows * steps; i++) {
+            if (!hist || !touched)
+                continue;
+            long b = i / steps;
+            const int *restrict h = text + b * length + i % steps;
+            long last = window - 1, n_touched = 0, out_of_range = 0;
+            for (long j = 0; j + 1 < window; j++) {
+                int w = h[j + 1];
+                if (w < 0)
+                    continue;
+                if (w >= V) {
+                    out_of_range = 1;
+                    break;
+                }
+                long m = 0;
+                while (m < order && m <= j && h[last - m] >= 0 && h[j - m] == h[last - m])
+                    m++;
+                int *hw = hist + w * slots;
+                if (hw[order + 1]++ == 0)
+                    touched[n_touched++] = w;
+                hw[m]++;
+            }
+            if (out_of_range) {
+                for (long t = 0; t < n_touched; t++)
+                    memset(hist + touched[t] * slots, 0, (size_t)slots * sizeof(int));
+                #pragma omp critical
+                bad = bad < 0 || b < bad ? b : bad;
+                continue;
+            }
+            float totals[order + 1], types[order + 1], own[order + 1], carry[order + 1], coef[order + 1];
+            for (long k = 0; k <= order; k++)
+                totals[k] = types[k] = 0.0f;
+            for (long t = 0; t < n_touched; t++) {  /* counts_k[w] = the positions with match >= k */
+                int *hw = hist + touched[t] * slots, at_least = 0;
+                for (long k = order; k >= 0; k--) {
+                    at_least += hw[k];
+                    totals[k] += (float)at_least;
+                    types[k] += at_least > 0;
+                }
+            }
+            float rest = 1.0f, later = 1.0f;
+            long matched = 0;
+            for (long k = 0; k <= order; k++) {
+                int seen = totals[k] > 0.0f;
+                float sum = totals[k] + types[k];
+                own[k] = seen ? 1.0f / (sum > 1.0f ? sum : 1.0f) : 0.0f;
+                carry[k] = seen ? types[k] * own[k] : 1.0f;
+                rest *= carry[k];
+                matched += k > 0 && seen;
+            }
+            for (long k = order; k >= 0; k--) {  /* coef_k = own_k * the carries of every longer context */
+                coef[k] = own[k] * later;
+                later *= carry[k];
+            }
+            rest /= (float)V;
+            float *restrict pi = p + i * V;
+            for (long w = 0; w < V; w++)
+                pi[w] = rest;
+            for (long t = 0; t < n_touched; t++) {
+                int *hw = hist + touched[t] * slots, at_least = 0;
+                float sum = 0.0f;
+                for (long k = order; k >= 0; k--) {
+                    at_least += hw[k];
+                    sum += coef[k] * (float)at_least;
+                }
+                pi[touched[t]] = sum + rest;
+                memset(hw, 0, (size_t)slots * sizeof(int));
+            }
+            bucket[i] = matched;
+        }
+        free(hist);
+        free(touched);
+    }
+    return failed ? -2 : bad;
+}
+
+/* A mixture's log-probabilities (mixture.py's forward), one row at a time: log(w_rnn
+ * softmax(logits) + w_ngram p_ngram + w_cache p_cache), floored at 1e-30, with the row's weights
+ * (rows, 3) in mixture.py's order (rnn, ngram, cache); `ngram` may be NULL (no n-gram). `out`
+ * holds the row's exponentials on the way. Rows are shared among the threads. */
+void mix_log_probs(long rows, long V, const float *restrict logits, const float *restrict weights,
+                   const float *restrict ngram, const float *restrict cache, float *restrict out) {
+    #pragma omp parallel for schedule(static)
+    for (long b = 0; b < rows; b++) {
+        const float *restrict z = logits + b * V, *restrict pc = cache + b * V, *restrict w = weights + b * 3;
+        float *restrict o = out + b * V, m = z[0], sum = 0.0f;
+        for (long j = 1; j < V; j++)
+            m = z[j] > m ? z[j] : m;
+        for (long j = 0; j < V; j++) {
+            o[j] = expf(z[j] - m);
+            sum += o[j];
+        }
+        float scale = w[0] / sum;
+        if (ngram) {
+            const float *restrict pn = ngram + b * V;
+            for (long j = 0; j < V; j++) {
+                float x = o[j] * scale + w[1] * pn[j] + w[2] * pc[j];
+                o[j] = logf(x > 1e-30f ? x : 1e-30f);
+            }
+        } else {
+            for (long j = 0; j < V; j++) {
+                float x = o[j] * scale + w[2] * pc[j];
+                o[j] = logf(x > 1e-30f ? x : 1e-30f);
+            }
+        }
     }
 }

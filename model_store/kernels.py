@@ -135,8 +135,11 @@ def _compile() -> ctypes.CDLL:
                                            + [ctypes.c_void_p] * 9 + [ctypes.c_int])
     library.recurrence_backward.argtypes = ([ctypes.c_int, ctypes.c_long, ctypes.c_long, ctypes.c_long]
                                             + [ctypes.c_void_p] * 12)
+    library.history_cache.argtypes = [ctypes.c_long] * 5 + [ctypes.c_void_p] * 3
+    library.history_cache.restype = ctypes.c_long
+    library.mix_log_probs.argtypes = [ctypes.c_long] * 2 + [ctypes.c_void_p] * 5
     for name in [*pointers, "cross_entropy", "argmax_rows", "sample_rows", "onehot_gates_backward", "pack_panels",
-                 "recurrence_forward", "recurrence_backward"]:
+                 "recurrence_forward", "recurrence_backward", "mix_log_probs"]:
         getattr(library, name).restype = None
     return library
 
@@ -255,6 +258,41 @@ def mark_seen(seen: torch.Tensor, ids: torch.Tensor) -> None:
     bad = library().mark_seen(seen.shape[0], seen.shape[1], seen.data_ptr(), ids.data_ptr())
     if bad >= 0:
         raise IndexError(f"character index {int(ids[bad])} is outside the vocabulary (size {seen.shape[1]})")
+
+
+def history_cache(text: torch.Tensor, window: int, order: int,
+                  vocab_size: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """mixture.HistoryCache.steps in C: for int32 `text` (rows, length) on a CPU, p (rows, steps, V)
+    and bucket (rows, steps) of every window text[:, t:t + window]; None where the kernels do not
+    apply (the caller computes it as torch ops)."""
+    if library() is None or text.device.type != "cpu" or text.dtype != torch.int32:
+        return None
+    text = text.contiguous()
+    rows, length = text.shape
+    p = torch.empty(rows, length - window + 1, vocab_size)
+    bucket = torch.empty(rows, length - window + 1, dtype=torch.long)
+    bad = library().history_cache(rows, length, window, order, vocab_size, text.data_ptr(), p.data_ptr(),
+                                  bucket.data_ptr())
+    if bad == -2:
+        raise MemoryError("no memory for the cache's scratch")
+    if bad >= 0:
+        raise IndexError(f"a character index in row {bad} of the history is outside the vocabulary (size {vocab_size})")
+    return p, bucket
+
+
+def mix_log_probs(logits: torch.Tensor, weights: torch.Tensor, ngram: torch.Tensor | None,
+                  cache: torch.Tensor) -> torch.Tensor | None:
+    """mixture.MixtureLM's log-probabilities in one C pass per row: logits, ngram and cache (..., V),
+    weights (..., 3); None where the kernels do not apply (the caller computes it as torch ops)."""
+    if not applies(logits, weights, ngram, cache):
+        return None
+    shape, V = logits.shape, logits.shape[-1]
+    logits, weights, cache = (t.reshape(-1, t.shape[-1]).contiguous() for t in (logits, weights, cache))
+    ngram = ngram.reshape(-1, V).contiguous() if ngram is not None else None
+    out = torch.empty_like(logits)
+    library().mix_log_probs(logits.shape[0], V, logits.data_ptr(), weights.data_ptr(), pointer(ngram),
+                            cache.data_ptr(), out.data_ptr())
+    return out.view(shape)
 
 
 PANEL = 32  # kernels.c's columns per packed panel

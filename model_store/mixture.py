@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model_store import kernels
 from model_store.model import CharLM
 from model_store.ngram import KneserNey
 
@@ -63,6 +64,18 @@ class HistoryCache:
 
     def __call__(self, history: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(p_cache (batch, vocab), bucket (batch,)) for the character after each window."""
+        p, bucket = self.steps(history, history.shape[1])
+        return p[:, 0], bucket[:, 0]
+
+    def steps(self, text: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(p_cache (batch, steps, vocab), bucket (batch, steps)) after every window text[:, t:t + window]:
+        in one C call on a CPU (kernels.history_cache), else window by window as torch ops."""
+        if native := kernels.history_cache(text, window, self.order, self.vocab_size):
+            return native
+        each = [self.one_window(text[:, t:t + window]) for t in range(text.shape[1] - window + 1)]
+        return torch.stack([p for p, _ in each], dim=1), torch.stack([b for _, b in each], dim=1)
+
+    def one_window(self, history: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         batch, window, order = *history.shape, self.order
         follower = history[:, 1:]  # position j of the window was followed by follower[j]
         # windows[:, o, j]: the character (order - o) places before position j (-2 off the left edge)
@@ -141,37 +154,44 @@ class MixtureLM(nn.Module):
         return log_probs[:, -1], state
 
     def forward(self, inputs: torch.Tensor, state=None, last_only: bool = False) -> tuple[torch.Tensor, tuple]:
-        probs, state = self.component_probs(inputs, state)
-        weights = self.weights[probs.pop("bucket")]  # (batch, steps, 3)
-        mixed = sum(weights[..., i, None] * probs[name] for i, name in enumerate(COMPONENTS) if name in probs)
-        log_probs = mixed.clamp(min=1e-30).log()
-        return (log_probs[:, -1:] if last_only else log_probs), state
+        parts, state = self.components(inputs, state)
+        if last_only:
+            parts = {name: part[:, -1:] for name, part in parts.items()}
+        weights = self.weights[parts.pop("bucket")]  # (batch, steps, 3)
+        logits = parts.pop("logits").float()
+        log_probs = kernels.mix_log_probs(logits, weights, parts.get("ngram"), parts["cache"])  # in C on a CPU
+        if log_probs is None:
+            probs = {"rnn": F.softmax(logits, dim=-1), **parts}
+            mixed = sum(weights[..., i, None] * probs[name] for i, name in enumerate(COMPONENTS) if name in probs)
+            log_probs = mixed.clamp(min=1e-30).log()
+        return log_probs, state
 
     def component_probs(self, inputs: torch.Tensor, state=None) -> tuple[dict[str, torch.Tensor], tuple]:
         """Each component's next-character distribution at every step ("ngram" only when there is
         one), and the cache bucket."""
+        parts, state = self.components(inputs, state)
+        parts["rnn"] = F.softmax(parts.pop("logits").float(), dim=-1)
+        return parts, state
+
+    def components(self, inputs: torch.Tensor, state=None) -> tuple[dict[str, torch.Tensor], tuple]:
+        """The recurrent model's logits, the cache's and the n-gram's ("ngram" only when there is
+        one) distributions at every step, and the cache bucket."""
         if state is None:
             state = self.init_state(inputs.shape[0], inputs.device)
         *rnn_state, history = state
         rnn_state = tuple(rnn_state) if self.config.cell == "lstm" else rnn_state[0]
         logits, rnn_state = self.rnn(inputs, rnn_state)
-        history = history[0]
         batch, steps = inputs.shape
-        ngram = np.empty((batch, steps, self.config.vocab_size), dtype=np.float32) if self.ngram else None
-        cache, buckets = [], []
-        context = self.ngram.order - 1 if self.ngram else 0
-        for t in range(steps):
-            history = torch.cat([history[:, 1:], inputs[:, t:t + 1].to(history.dtype)], dim=1)
-            p, b = self.cache(history)
-            cache.append(p)
-            buckets.append(b)
-            if self.ngram is None:
-                continue
-            recent = history[:, history.shape[1] - context:].tolist() if context else [[]] * batch
-            for row, ids in enumerate(recent):
-                ngram[row, t] = self.ngram.distribution([i for i in ids if i >= 0])
-        probs = {"rnn": F.softmax(logits.float(), dim=-1), "cache": torch.stack(cache, dim=1),
-                 "bucket": torch.stack(buckets, dim=1)}
-        if ngram is not None:
-            probs["ngram"] = torch.from_numpy(ngram).to(inputs.device)
-        return probs, (*self.split(rnn_state), history[None])
+        window = history.shape[2]
+        text = torch.cat([history[0, :, 1:], inputs.to(history.dtype)], dim=1)  # step t reads text[:, t:t + window]
+        cache, buckets = self.cache.steps(text, window)
+        parts = {"logits": logits, "cache": cache, "bucket": buckets}
+        if self.ngram is not None:
+            ngram = np.empty((batch, steps, self.config.vocab_size), dtype=np.float32)
+            context = self.ngram.order - 1
+            for t in range(steps):
+                recent = text[:, t + window - context:t + window].tolist() if context else [[]] * batch
+                for row, ids in enumerate(recent):
+                    ngram[row, t] = self.ngram.distribution([i for i in ids if i >= 0])
+            parts["ngram"] = torch.from_numpy(ngram).to(inputs.device)
+        return parts, (*self.split(rnn_state), text[None, :, -window:].contiguous())

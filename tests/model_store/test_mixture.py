@@ -4,7 +4,7 @@ notices repeats, and a checkpoint that keeps all of it."""
 import pytest
 import torch
 
-from model_store import scoring
+from model_store import kernels, scoring
 from model_store.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from model_store.generate import generate
 from model_store.mixture import HistoryCache, MixtureConfig, MixtureLM
@@ -154,3 +154,45 @@ def test_step_equals_a_one_position_forward(mixture):
         ref, ref_state = mixture(ids[:, None], state)
     assert torch.equal(log_probs, ref[:, -1])
     assert all(torch.equal(a, b) for a, b in zip(new_state, ref_state, strict=True))
+
+
+@pytest.mark.parametrize("order", [1, 4, 6])
+def test_the_c_cache_equals_the_torch_cache(order, monkeypatch):
+    if kernels.library() is None:
+        pytest.skip("the C kernels could not be built here (no C compiler?)")
+    g = torch.Generator().manual_seed(order)
+    vocab, window = 7, 40
+    history = torch.randint(0, 3, (12, window), generator=g, dtype=torch.int32)  # small alphabet: long matches
+    history[:, -5:] = history[:, 10:15]  # the window's end occurred before
+    history[0] = -1  # empty
+    history[1, :30] = -1  # partly filled
+    history[2, :] = torch.randint(3, vocab, (window,), generator=g, dtype=torch.int32)
+    cache = HistoryCache(order, vocab)
+    native = cache(history), cache.steps(history, 30)  # one window per row; windows of 30 at 11 offsets
+    monkeypatch.setattr(kernels, "ENABLED", False)
+    reference = cache(history), cache.steps(history, 30)
+    for (p, bucket), (p_ref, bucket_ref) in zip(native, reference, strict=True):
+        assert torch.equal(bucket, bucket_ref)
+        torch.testing.assert_close(p, p_ref, rtol=1e-6, atol=1e-7)
+    assert {0, order} <= set(native[0][1].tolist())  # no match and the longest one both occur
+    assert native[1][0].shape == (12, 11, vocab)
+
+
+def test_the_c_cache_refuses_a_character_outside_the_vocabulary():
+    if kernels.library() is None:
+        pytest.skip("the C kernels could not be built here (no C compiler?)")
+    with pytest.raises(IndexError, match="row 1 .* outside the vocabulary"):
+        HistoryCache(2, 5)(torch.tensor([[0, 1, 2, 3], [0, 1, 5, 3]], dtype=torch.int32))
+
+
+@pytest.mark.parametrize("with_ngram", [True, False])
+def test_the_mixture_in_c_equals_the_mixture_as_torch_ops(mixture, with_ngram, monkeypatch):
+    if kernels.library() is None:
+        pytest.skip("the C kernels could not be built here (no C compiler?)")
+    if not with_ngram:
+        config = MixtureConfig(weights=tuple((w[0] + w[1], 0.0, w[2]) for w in weights(4)), cache_order=4,
+                               cache_window=16)
+        mixture = MixtureLM(mixture.rnn, None, config).eval()
+    native = log_probs(mixture, TEXT)
+    monkeypatch.setattr(kernels, "ENABLED", False)
+    torch.testing.assert_close(native, log_probs(mixture, TEXT), rtol=1e-5, atol=1e-5)
