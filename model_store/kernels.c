@@ -634,3 +634,69 @@ void mix_log_probs(long rows, long V, const float *restrict logits, const float 
         }
     }
 }
+
+/* A Kneser-Ney n-gram's next-character distributions (ngram.py's KneserNey.distribution, which
+ * is the reference and what runs elsewhere), one row of `contexts` (rows, width) at a time: the
+ * row's last ids, oldest first, -1 where the text had not begun (skipped). The tables, as
+ * ngram.py flattens them: order k's contexts are k ids each, sorted, at ctx_ids + ctx_start[k], ctx_count[k] of them,
+ * numbered from ctx_first[k]; context g's characters and discounted probabilities are
+ * next[entry[g]..entry[g + 1]) and value[...], its back-off weight gamma[g]. Starting from the
+ * uniform distribution, each order whose context (the row's last k ids) was seen scales p by its
+ * gamma and adds its values, in double as numpy does; the first unseen context ends the walk.
+ * Writes out (rows, V) as float32. Rows are shared among the threads. */
+static long find_context(const int *restrict table, long count, long k, const int *restrict key) {
+    long lo = 0, hi = count;
+    while (lo < hi) {
+        long mid = (lo + hi) / 2, cmp = 0;
+        for (long i = 0; i < k && !cmp; i++)
+            cmp = table[mid * k + i] < key[i] ? -1 : table[mid * k + i] > key[i];
+        if (cmp == 0)
+            return mid;
+        if (cmp < 0)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return -1;
+}
+
+void ngram_distributions(long rows, long width, long order, long V, const int *restrict contexts,
+                         const int *restrict ctx_ids, const long *restrict ctx_start, const long *restrict ctx_count,
+                         const long *restrict ctx_first, const long *restrict entry, const int *restrict next,
+                         const double *restrict value, const double *restrict gamma, float *restrict out) {
+    #pragma omp parallel
+    {
+        double *p = malloc((size_t)V * sizeof(double));
+        #pragma omp for schedule(static)
+        for (long b = 0; b < rows; b++) {
+            const int *restrict row = contexts + b * width;
+            int ids[width + 1];  /* the row's ids without the -1s */
+            long known = 0;
+            for (long i = 0; i < width; i++)
+                if (row[i] >= 0)
+                    ids[known++] = row[i];
+            float *restrict o = out + b * V;
+            if (!p) {  /* no scratch: the uniform distribution, still a distribution */
+                for (long j = 0; j < V; j++)
+                    o[j] = 1.0f / (float)V;
+                continue;
+            }
+            for (long j = 0; j < V; j++)
+                p[j] = 1.0 / (double)V;
+            for (long k = 0; k < order && k <= known; k++) {
+                long at = find_context(ctx_ids + ctx_start[k], ctx_count[k], k, ids + known - k);
+                if (at < 0)
+                    break;
+                long g = ctx_first[k] + at;
+                double scale = gamma[g];
+                for (long j = 0; j < V; j++)
+                    p[j] *= scale;
+                for (long e = entry[g]; e < entry[g + 1]; e++)
+                    p[next[e]] += value[e];
+            }
+            for (long j = 0; j < V; j++)
+                o[j] = (float)p[j];
+        }
+        free(p);
+    }
+}

@@ -138,8 +138,9 @@ def _compile() -> ctypes.CDLL:
     library.history_cache.argtypes = [ctypes.c_long] * 5 + [ctypes.c_void_p] * 3
     library.history_cache.restype = ctypes.c_long
     library.mix_log_probs.argtypes = [ctypes.c_long] * 2 + [ctypes.c_void_p] * 5
+    library.ngram_distributions.argtypes = [ctypes.c_long] * 4 + [ctypes.c_void_p] * 10
     for name in [*pointers, "cross_entropy", "argmax_rows", "sample_rows", "onehot_gates_backward", "pack_panels",
-                 "recurrence_forward", "recurrence_backward", "mix_log_probs"]:
+                 "recurrence_forward", "recurrence_backward", "mix_log_probs", "ngram_distributions"]:
         getattr(library, name).restype = None
     return library
 
@@ -293,6 +294,21 @@ def mix_log_probs(logits: torch.Tensor, weights: torch.Tensor, ngram: torch.Tens
     library().mix_log_probs(logits.shape[0], V, logits.data_ptr(), weights.data_ptr(), pointer(ngram),
                             cache.data_ptr(), out.data_ptr())
     return out.view(shape)
+
+
+def ngram_distributions(contexts: torch.Tensor, order: int, vocab_size: int,
+                        flat: dict[str, numpy.ndarray]) -> torch.Tensor | None:
+    """ngram.KneserNey.distributions in one C call: contexts (rows, width) of ids on a CPU, the tables as
+    KneserNey.flat lays them out; (rows, V) float32, or None where the kernels do not apply."""
+    if library() is None or contexts.device.type != "cpu":
+        return None
+    contexts = contexts.to(torch.int32).contiguous()
+    out = torch.empty(contexts.shape[0], vocab_size)
+    arrays = [flat[name] for name in ("ctx_ids", "ctx_start", "ctx_count", "ctx_first", "entry", "next", "value",
+                                       "gamma")]
+    library().ngram_distributions(contexts.shape[0], contexts.shape[1], order, vocab_size, contexts.data_ptr(),
+                                  *(a.ctypes.data for a in arrays), out.data_ptr())
+    return out
 
 
 PANEL = 32  # kernels.c's columns per packed panel

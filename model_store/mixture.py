@@ -25,7 +25,6 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -186,12 +185,9 @@ class MixtureLM(nn.Module):
         text = torch.cat([history[0, :, 1:], inputs.to(history.dtype)], dim=1)  # step t reads text[:, t:t + window]
         cache, buckets = self.cache.steps(text, window)
         parts = {"logits": logits, "cache": cache, "bucket": buckets}
-        if self.ngram is not None:
-            ngram = np.empty((batch, steps, self.config.vocab_size), dtype=np.float32)
+        if self.ngram is not None:  # step t's context: the last order - 1 ids of its window
             context = self.ngram.order - 1
-            for t in range(steps):
-                recent = text[:, t + window - context:t + window].tolist() if context else [[]] * batch
-                for row, ids in enumerate(recent):
-                    ngram[row, t] = self.ngram.distribution([i for i in ids if i >= 0])
-            parts["ngram"] = torch.from_numpy(ngram).to(inputs.device)
+            contexts = (text[:, window - context:].unfold(1, context, 1).reshape(batch * steps, context) if context
+                        else text.new_empty(batch * steps, 0))
+            parts["ngram"] = self.ngram.distributions(contexts).view(batch, steps, -1)
         return parts, (*self.split(rnn_state), text[None, :, -window:].contiguous())

@@ -20,12 +20,15 @@ safetensors file, `from_tensors` rebuilds them.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 
 import numpy as np
 import torch
+
+from model_store import kernels
 
 
 class Context:
@@ -108,6 +111,38 @@ class KneserNey:
             p *= entry.gamma
             p[entry.ids] += entry.values
         return p
+
+    def distributions(self, contexts: torch.Tensor) -> torch.Tensor:
+        """`distribution` of every row of contexts (rows, width) int, -1 where the text had not begun:
+        (rows, V) float32, in one C call on a CPU (kernels.ngram_distributions), else row by row."""
+        if (native := kernels.ngram_distributions(contexts, self.order, self.vocab_size, self.flat)) is not None:
+            return native
+        rows = [[i for i in row if i >= 0] for row in contexts.tolist()]
+        return torch.from_numpy(np.stack([self.distribution(r) for r in rows]).astype(np.float32)).to(contexts.device)
+
+    @functools.cached_property
+    def flat(self) -> dict[str, np.ndarray]:
+        """The tables as flat arrays for the C walk (kernels.c's ngram_distributions): per order, its
+        sorted contexts; per context, its gamma and its range of (next id, discounted probability)."""
+        ctx_ids, ctx_start, ctx_count, ctx_first, entry, nexts, values, gammas = [], [], [], [], [0], [], [], []
+        for table in self.tables:
+            contexts = sorted(table)
+            ctx_start.append(sum(len(c) for c in ctx_ids))
+            ctx_count.append(len(contexts))
+            ctx_first.append(len(gammas))
+            for ctx in contexts:
+                context = table[ctx]
+                ctx_ids.append(np.asarray(ctx, dtype=np.int32))
+                nexts.append(context.ids.astype(np.int32))
+                values.append(context.values)
+                gammas.append(context.gamma)
+                entry.append(entry[-1] + len(context.ids))
+        return {"ctx_ids": np.concatenate(ctx_ids) if ctx_ids else np.zeros(0, np.int32),
+                "ctx_start": np.asarray(ctx_start, np.int64), "ctx_count": np.asarray(ctx_count, np.int64),
+                "ctx_first": np.asarray(ctx_first, np.int64), "entry": np.asarray(entry, np.int64),
+                "next": np.concatenate(nexts) if nexts else np.zeros(0, np.int32),
+                "value": np.concatenate(values) if values else np.zeros(0, np.float64),
+                "gamma": np.asarray(gammas, np.float64)}
 
     def matched_order(self, history: Sequence[int]) -> int:
         """The longest order whose context has been seen (1 = unigram only)."""

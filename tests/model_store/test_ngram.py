@@ -100,3 +100,17 @@ def test_log_probs_score_every_position_after_start():
     scores = model.log_probs(TEXT, start=1)
     assert len(scores) == len(TEXT) - 1
     assert scores[4] == pytest.approx(math.log(model.prob(TEXT[3:5], TEXT[5])))
+
+
+@pytest.mark.parametrize("order", [1, 3, 5])
+def test_distributions_of_many_contexts_equal_distribution_row_by_row(order, monkeypatch):
+    model = KneserNey.fit(TEXT, order, VOCAB)
+    width = max(order - 1, 0)
+    rng = random.Random(order)
+    rows = [[-1] * width] + [[-1] * (width - n) + [rng.choice(TEXT + [7]) for _ in range(n)]
+                            for n in range(width + 1) for _ in range(4)]  # unseen contexts too (7 never occurs)
+    contexts = torch.tensor(rows, dtype=torch.int32).reshape(len(rows), width)
+    expected = np.stack([model.distribution([i for i in row if i >= 0]) for row in rows]).astype(np.float32)
+    assert torch.equal(model.distributions(contexts), torch.from_numpy(expected))  # in C where it is built
+    monkeypatch.setattr("model_store.kernels.ENABLED", False)
+    assert torch.equal(model.distributions(contexts), torch.from_numpy(expected))
