@@ -5,8 +5,9 @@ CPU logits agree within tolerance, that a CUDA-trained checkpoint loads on a CPU
 that the scratch and fused implementations agree on CUDA, that the web service started
 with LYRICS_DEVICE=cuda answers /generate and /perplexity as the CPU service does
 (`check_app`), and that the continuous-batching engine on CUDA gives each of many concurrent
-requests what it gets alone, with its throughput beside the CPU's (`check_engine`). Prints
-one JSON summary; exits 1 on any failed check and 2 when no CUDA device is present.
+requests what it gets alone, with its throughput beside the CPU's (`check_engine`), and that
+a mixture on CUDA scores as on the CPU, where it runs in C (`check_mixture`). Prints one JSON
+summary; exits 1 on any failed check and 2 when no CUDA device is present.
 
     python scripts/gpu_check.py
 """
@@ -32,6 +33,8 @@ from app.main import create_app  # noqa: E402
 from app.settings import Settings  # noqa: E402
 from model_store.checkpoint import load_checkpoint  # noqa: E402
 from model_store.generate import Generation, generate  # noqa: E402
+from model_store.mixture import MixtureConfig, MixtureLM  # noqa: E402
+from model_store.ngram import KneserNey  # noqa: E402
 from model_store.registry import BUNDLED_DIR, load_directory  # noqa: E402
 from model_store.sampling import SamplingParams  # noqa: E402
 from training.train import TrainConfig, train  # noqa: E402
@@ -163,6 +166,22 @@ def check_engine(path: Path, device: str = "cuda") -> tuple[dict, list]:
     return summary, failures
 
 
+def check_mixture(path: Path, device: str = "cuda", tol: float = 1e-3) -> tuple[dict, list]:
+    """A mixture (the checkpoint's model, an n-gram of TEXT and a cache) on `device` against the CPU, where
+    its cache, n-gram and mixing run in C: the log-probabilities of TEXT agree within `tol`."""
+    ck = load_checkpoint(path)
+    ids = ck.vocab.encode(TEXT[:400])
+    config = MixtureConfig(weights=tuple((0.5 - 0.1 * k, 0.3, 0.2 + 0.1 * k) for k in range(5)), cache_order=4,
+                           cache_window=64)
+    mixture = MixtureLM(ck.model, KneserNey.fit(ids, 4, len(ck.vocab)), config).eval()
+    with torch.no_grad():
+        on_cpu = mixture(torch.tensor([ids]))[0]
+        on_device = mixture.to(device)(torch.tensor([ids], device=device))[0].cpu()
+    diff = (on_device - on_cpu).abs().max().item()
+    failures = [] if diff <= tol else [f"mixture on {device}: log-probabilities differ from the CPU by {diff:.2e}"]
+    return {"max_abs_log_prob_diff_vs_cpu": diff}, failures
+
+
 def main() -> int:
     if not torch.cuda.is_available():
         print(json.dumps({"ok": False, "reason": "no CUDA device"}))
@@ -199,6 +218,8 @@ def main() -> int:
                 failures.append(f"{cell}: logits differ (cuda vs cpu {diff:.2e}, fused vs scratch {impl_diff:.2e})")
             if result.final_train_perplexity > 20:
                 failures.append(f"{cell}: did not learn (train perplexity {result.final_train_perplexity:.1f})")
+        checks["mixture"], mixture_failures = check_mixture(Path(tmp) / "lstm.safetensors")
+        failures += mixture_failures
         checks["app"], app_failures = check_app(Path(tmp))
         failures += app_failures
     bundled = load_directory(BUNDLED_DIR, device="cuda")

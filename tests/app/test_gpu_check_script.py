@@ -45,3 +45,8 @@ def test_engine_comparison_runs_and_passes_on_the_cpu(model_dir):
     assert failures == []
     assert summary["requests"] == 24 and summary["greedy_unequal"] == summary["sampled_unequal"] == 0
     assert summary["chars_per_s_c64_cpu"] > 0
+
+
+def test_mixture_comparison_runs_and_passes_on_the_cpu(model_dir):
+    summary, failures = load_script().check_mixture(model_dir / "gru.safetensors", device="cpu")
+    assert failures == [] and summary["max_abs_log_prob_diff_vs_cpu"] == 0
