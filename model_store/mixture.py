@@ -153,9 +153,7 @@ class MixtureLM(nn.Module):
         return log_probs[:, -1], state
 
     def forward(self, inputs: torch.Tensor, state=None, last_only: bool = False) -> tuple[torch.Tensor, tuple]:
-        parts, state = self.components(inputs, state)
-        if last_only:
-            parts = {name: part[:, -1:] for name, part in parts.items()}
+        parts, state = self.components(inputs, state, last_only)
         weights = self.weights[parts.pop("bucket")]  # (batch, steps, 3)
         logits = parts.pop("logits").float()
         log_probs = kernels.mix_log_probs(logits, weights, parts.get("ngram"), parts["cache"])  # in C on a CPU
@@ -172,17 +170,21 @@ class MixtureLM(nn.Module):
         parts["rnn"] = F.softmax(parts.pop("logits").float(), dim=-1)
         return parts, state
 
-    def components(self, inputs: torch.Tensor, state=None) -> tuple[dict[str, torch.Tensor], tuple]:
+    def components(self, inputs: torch.Tensor, state=None,
+                   last_only: bool = False) -> tuple[dict[str, torch.Tensor], tuple]:
         """The recurrent model's logits, the cache's and the n-gram's ("ngram" only when there is
-        one) distributions at every step, and the cache bucket."""
+        one) distributions at every step (`last_only`: at the last), and the cache bucket."""
         if state is None:
             state = self.init_state(inputs.shape[0], inputs.device)
         *rnn_state, history = state
         rnn_state = tuple(rnn_state) if self.config.cell == "lstm" else rnn_state[0]
-        logits, rnn_state = self.rnn(inputs, rnn_state)
-        batch, steps = inputs.shape
+        logits, rnn_state = self.rnn(inputs, rnn_state)  # all steps: exactly what scoring the text gives
         window = history.shape[2]
         text = torch.cat([history[0, :, 1:], inputs.to(history.dtype)], dim=1)  # step t reads text[:, t:t + window]
+        state = (*self.split(rnn_state), text[None, :, -window:].contiguous())
+        if last_only:
+            logits, text = logits[:, -1:], text[:, -window:]
+        batch, steps = text.shape[0], text.shape[1] - window + 1
         cache, buckets = self.cache.steps(text, window)
         parts = {"logits": logits, "cache": cache, "bucket": buckets}
         if self.ngram is not None:  # step t's context: the last order - 1 ids of its window
@@ -190,4 +192,4 @@ class MixtureLM(nn.Module):
             contexts = (text[:, window - context:].unfold(1, context, 1).reshape(batch * steps, context) if context
                         else text.new_empty(batch * steps, 0))
             parts["ngram"] = self.ngram.distributions(contexts).view(batch, steps, -1)
-        return parts, (*self.split(rnn_state), text[None, :, -window:].contiguous())
+        return parts, state
