@@ -643,7 +643,8 @@ void mix_log_probs(long rows, long V, const float *restrict logits, const float 
  * next[entry[g]..entry[g + 1]) and value[...], its back-off weight gamma[g]. Starting from the
  * uniform distribution, each order whose context (the row's last k ids) was seen scales p by its
  * gamma and adds its values, in double as numpy does; the first unseen context ends the walk.
- * Writes out (rows, V) as float32. Rows are shared among the threads. */
+ * Writes out (rows, V) as float32. Rows are shared among the threads. Returns -1, or -2 when
+ * scratch memory could not be had. */
 static long find_context(const int *restrict table, long count, long k, const int *restrict key) {
     long lo = 0, hi = count;
     while (lo < hi) {
@@ -660,13 +661,18 @@ static long find_context(const int *restrict table, long count, long k, const in
     return -1;
 }
 
-void ngram_distributions(long rows, long width, long order, long V, const int *restrict contexts,
+long ngram_distributions(long rows, long width, long order, long V, const int *restrict contexts,
                          const int *restrict ctx_ids, const long *restrict ctx_start, const long *restrict ctx_count,
                          const long *restrict ctx_first, const long *restrict entry, const int *restrict next,
                          const double *restrict value, const double *restrict gamma, float *restrict out) {
+    int failed = 0;
     #pragma omp parallel
     {
         double *p = malloc((size_t)V * sizeof(double));
+        if (!p) {
+            #pragma omp atomic write
+            failed = 1;
+        }
         #pragma omp for schedule(static)
         for (long b = 0; b < rows; b++) {
             const int *restrict row = contexts + b * width;
@@ -676,11 +682,8 @@ void ngram_distributions(long rows, long width, long order, long V, const int *r
                 if (row[i] >= 0)
                     ids[known++] = row[i];
             float *restrict o = out + b * V;
-            if (!p) {  /* no scratch: the uniform distribution, still a distribution */
-                for (long j = 0; j < V; j++)
-                    o[j] = 1.0f / (float)V;
+            if (!p)
                 continue;
-            }
             for (long j = 0; j < V; j++)
                 p[j] = 1.0 / (double)V;
             for (long k = 0; k < order && k <= known; k++) {
@@ -699,4 +702,5 @@ void ngram_distributions(long rows, long width, long order, long V, const int *r
         }
         free(p);
     }
+    return failed ? -2 : -1;
 }

@@ -139,8 +139,9 @@ def _compile() -> ctypes.CDLL:
     library.history_cache.restype = ctypes.c_long
     library.mix_log_probs.argtypes = [ctypes.c_long] * 2 + [ctypes.c_void_p] * 5
     library.ngram_distributions.argtypes = [ctypes.c_long] * 4 + [ctypes.c_void_p] * 10
+    library.ngram_distributions.restype = ctypes.c_long
     for name in [*pointers, "cross_entropy", "argmax_rows", "sample_rows", "onehot_gates_backward", "pack_panels",
-                 "recurrence_forward", "recurrence_backward", "mix_log_probs", "ngram_distributions"]:
+                 "recurrence_forward", "recurrence_backward", "mix_log_probs"]:
         getattr(library, name).restype = None
     return library
 
@@ -306,8 +307,9 @@ def ngram_distributions(contexts: torch.Tensor, order: int, vocab_size: int,
     out = torch.empty(contexts.shape[0], vocab_size)
     arrays = [flat[name] for name in ("ctx_ids", "ctx_start", "ctx_count", "ctx_first", "entry", "next", "value",
                                        "gamma")]
-    library().ngram_distributions(contexts.shape[0], contexts.shape[1], order, vocab_size, contexts.data_ptr(),
-                                  *(a.ctypes.data for a in arrays), out.data_ptr())
+    if library().ngram_distributions(contexts.shape[0], contexts.shape[1], order, vocab_size, contexts.data_ptr(),
+                                     *(a.ctypes.data for a in arrays), out.data_ptr()) == -2:
+        raise MemoryError("no memory for the n-gram's scratch")
     return out
 
 
