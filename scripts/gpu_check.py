@@ -71,12 +71,14 @@ async def app_answers(model_dir: Path, device: str) -> dict:
         return answers
 
 
-def top2_gap(ck, text: str) -> float:
-    """The gap between the two likeliest next characters after `text` (a near-tie may flip on another device)."""
+def parting(ck, a: str, b: str) -> tuple[str, float]:
+    """Where two greedy texts part: their common start, and the gap between the two likeliest next
+    characters after it (a near-tie may flip on another device or in another batch)."""
+    common = a[:next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))]
     with torch.no_grad():
-        logits, _ = ck.model(torch.tensor([ck.vocab.encode(text)], device=ck.model.dense.weight.device))
+        logits, _ = ck.model(torch.tensor([ck.vocab.encode(common)], device=ck.model.dense.weight.device))
     top = logits[0, -1].float().topk(2).values
-    return float(top[0] - top[1])
+    return common, float(top[0] - top[1])
 
 
 def check_app(model_dir: Path, device: str = "cuda", reference: str = "cpu", rel_tol: float = 1e-4,
@@ -106,13 +108,11 @@ def check_app(model_dir: Path, device: str = "cuda", reference: str = "cpu", rel
             if a["text"] == b["text"]:
                 continue
             summary[name]["greedy_equal"] = False
-            common = next((i for i, (x, y) in enumerate(zip(a["text"], b["text"], strict=False)) if x != y),
-                          min(len(a["text"]), len(b["text"])))
-            gap = top2_gap(load_checkpoint(model_dir / f"{name}.safetensors"), a["text"][:common])
+            common, gap = parting(load_checkpoint(model_dir / f"{name}.safetensors"), a["text"], b["text"])
             summary[name]["greedy_parts_at_gap"] = gap
             if gap > tie:
                 failures.append(f"app {name}: greedy /generate on {device} differs from {reference} after "
-                                f"{a['text'][:common]!r} (top-2 logit gap {gap:.2e}, not a tie)")
+                                f"{common!r} (top-2 logit gap {gap:.2e}, not a tie)")
     return summary, failures
 
 
@@ -150,12 +150,10 @@ def check_engine(path: Path, device: str = "cuda") -> tuple[dict, list]:
             sampled_unequal += 1
             continue
         greedy_unequal += 1
-        x, y = next((x, y) for x, y in zip(a, b, strict=True) if x != y)
-        common = next((i for i, (p, q) in enumerate(zip(x, y, strict=False)) if p != q), min(len(x), len(y)))
-        gap = top2_gap(ck, x[:common])
+        common, gap = parting(ck, *next((x, y) for x, y in zip(a, b, strict=True) if x != y))
         if gap > 1e-3:
             failures.append(f"engine on {device}: a batched greedy request differs from the same request alone "
-                            f"after {x[:common]!r} (top-2 logit gap {gap:.2e}, not a tie)")
+                            f"after {common!r} (top-2 logit gap {gap:.2e}, not a tie)")
     summary.update(requests=len(generations), greedy_unequal=greedy_unequal, sampled_unequal=sampled_unequal)
     for dev in (device, "cpu"):
         model = ck if dev == device else load_checkpoint(path, device="cpu", pack=True)

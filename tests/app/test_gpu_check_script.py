@@ -50,3 +50,11 @@ def test_engine_comparison_runs_and_passes_on_the_cpu(model_dir):
 def test_mixture_comparison_runs_and_passes_on_the_cpu(model_dir):
     summary, failures = load_script().check_mixture(model_dir / "gru.safetensors", device="cpu")
     assert failures == [] and summary["max_abs_log_prob_diff_vs_cpu"] == 0
+
+
+def test_parting_finds_where_two_texts_part_and_the_gap_there(checkpoints):
+    ck = checkpoints["gru"]
+    text = ck.vocab.idx_to_char
+    common, gap = load_script().parting(ck, text[0] + text[1] + text[2], text[0] + text[1] + text[3])
+    assert common == text[0] + text[1] and gap >= 0
+    assert load_script().parting(ck, text[0], text[0])[0] == text[0]
