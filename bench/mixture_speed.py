@@ -48,7 +48,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    models = {name: load_checkpoint(path) for name, path in
+    models = {name: load_checkpoint(path, pack=True) for name, path in  # as the service loads them
               (("recurrent alone", args.plain), ("+ cache", args.cache), ("+ n-gram + cache", args.mixture))}
     corpus = load_corpus(args.corpus, next(iter(models.values())).newlines)
     val = corpus.train_ids[-1:] + corpus.val_ids
