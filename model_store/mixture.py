@@ -130,6 +130,10 @@ class MixtureLM(nn.Module):
         return self.rnn.num_parameters()
 
     def pack(self) -> bool:
+        """Ready for serving: the recurrent model's packed weights, and the n-gram's flat tables (0.2 s
+        for a 7-gram of the shared corpus, which the first request would otherwise wait for)."""
+        if self.ngram is not None:
+            self.ngram.flat  # noqa: B018 (a cached property: computed now, once)
         return self.rnn.pack()
 
     @property

@@ -196,3 +196,9 @@ def test_the_mixture_in_c_equals_the_mixture_as_torch_ops(mixture, with_ngram, m
     native = log_probs(mixture, TEXT)
     monkeypatch.setattr(kernels, "ENABLED", False)
     torch.testing.assert_close(native, log_probs(mixture, TEXT), rtol=1e-5, atol=1e-5)
+
+
+def test_packing_a_mixture_prepares_its_ngram_tables(mixture):
+    assert "flat" not in vars(mixture.ngram)
+    mixture.pack()
+    assert "flat" in vars(mixture.ngram)
