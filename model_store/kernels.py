@@ -400,8 +400,7 @@ def argmax(logits: torch.Tensor) -> torch.Tensor:
 class Sampler:
     """The rounds of sampling.py's rejection sampler for one batch of logits (rows, V), in C: the
     first round computes each row's weights (unnormalised probabilities) and the running sums of its
-    blocks of 64, later
-    rounds redraw the rejected rows from them (see kernels.c, `sample_rows`). The small per-row
+    blocks of 64, later rounds redraw the rejected rows from them (see kernels.c, `sample_rows`). The small per-row
     arrays and the buffers are Python arrays and numpy, not tensors: every torch call lets go of
     the GIL and waits to get it back (see `_compile`), and a batch makes these once a step."""
 

@@ -78,8 +78,8 @@ def sample_next(logits: torch.Tensor, params: Sequence[SamplingParams], seen: to
         return kernels.argmax(logits)
     # On a GPU the rows are sampled on the host: one copy of the logits and the C sampler (one pass
     # per row) cost less than the torch path's small launches and a synchronisation per round.
-    if kernels.applies(host := logits.cpu()):
-        return sample_fused(host, params, sampled, streams).to(device)
+    if kernels.library() is not None:  # logits are float32 (above): the kernels apply once on the host
+        return sample_fused(logits.cpu(), params, sampled, streams).to(device)
     rows = [params[i] for i in sampled]
     # a temperature so small that logits / temperature overflows would give NaN probabilities; at
     # 1e-30 the quotient stays finite for any logit below 1e8 and the draw is greedy in effect
