@@ -7,7 +7,13 @@ greedy and sampled (temperature 0.8, top-p 0.9), each the best of `--repeats` ro
 characters/s and the ratio engine / bare step from the same run. Where serve_load.py measures the
 whole server on this CPU, this isolates the engine, and runs on a GPU too.
 
+With `--http-rates`, the engine is measured again while other processes serve that many HTTP
+requests a second beside it (bench/http_floor.py: a FastAPI endpoint with no model work, under an
+open-loop load): what the cheapest HTTP front end, sharing the cores but not the GIL, leaves the
+model. The ratios stay against the bare step timed with no load.
+
     .venv/bin/python bench/engine_speed.py --threads 1 2
+    .venv/bin/python bench/engine_speed.py --threads 2 --http-rates 0 700 1000 0 700 1000
     python bench/engine_speed.py --devices cuda cpu --threads 1 2 4 8 16   # on a GPU machine
 """
 
@@ -17,6 +23,7 @@ import argparse
 import asyncio
 import os
 import platform
+import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -27,7 +34,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
-from serve_load import PREFIXES, bare_step  # noqa: E402
+from serve_load import PREFIXES, bare_step, start, stop, thread_cpu  # noqa: E402
 
 from app.engine import Engine  # noqa: E402
 from model_store.checkpoint import load_checkpoint  # noqa: E402
@@ -72,6 +79,29 @@ def engine_speed(ck, threads: int, params: SamplingParams, concurrency: int, cha
         engine.stop()
 
 
+class HttpBeside:
+    """bench/http_floor.py's endpoint in a subprocess, loaded at a given rate by another subprocess."""
+
+    def __init__(self, log: Path):
+        command = [sys.executable, str(ROOT / "bench" / "http_floor.py"), "serve"]
+        self.server, self.url, _ = start(command, dict(os.environ), log)
+
+    def load(self, rate: float, seconds: float) -> subprocess.Popen:
+        driver = subprocess.Popen([sys.executable, str(ROOT / "bench" / "http_floor.py"), "drive", self.url, str(rate),
+                                   str(seconds)], stdout=subprocess.PIPE, text=True)
+        if driver.stdout.readline().strip() != "ready":
+            raise RuntimeError("bench/http_floor.py drive did not start")
+        self.cpu_before = sum(thread_cpu(self.server.pid).values())
+        return driver
+
+    def cost(self, driver: subprocess.Popen) -> tuple[float, float]:
+        """Requests/s answered and the server's CPU milliseconds per request, once the driver is done."""
+        answered, took = (float(x) for x in driver.communicate()[0].split())
+        if driver.returncode:
+            raise RuntimeError("bench/http_floor.py drive failed")
+        return answered / took, 1000 * (sum(thread_cpu(self.server.pid).values()) - self.cpu_before) / answered
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", default=str(BUNDLED_DIR / "gru.safetensors"))
@@ -80,7 +110,12 @@ def main(argv=None) -> None:
     p.add_argument("--concurrency", type=int, default=64)
     p.add_argument("--chars", type=int, default=200)
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--http-rates", type=float, nargs="+", default=[],
+                   help="measure the engine again beside HTTP load of these requests/s (0: none), on the CPU")
+    p.add_argument("--http-seconds", type=float, default=10.0, help="how long each HTTP load lasts")
     args = p.parse_args(argv)
+    if args.http_rates:
+        return beside_http(args)
     torch.set_num_threads(1)  # this thread only loads and waits, as the service's threads do
     name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or platform.machine()
     print(f"{Path(args.checkpoint).name}, {os.cpu_count()} cores, torch {torch.__version__}, {name}; "
@@ -95,6 +130,36 @@ def main(argv=None) -> None:
                       for params in MODES.values()]
             print(f"| {device} | {threads} | {ceiling:,.0f} | "
                   + " | ".join(f"{s:,.0f} ({s / ceiling:.2f})" for s in speeds) + " |", flush=True)
+
+
+def beside_http(args) -> None:
+    """The engine on the CPU with each of `args.http_rates` requests/s of HTTP load in other processes."""
+    import tempfile
+
+    torch.set_num_threads(1)
+    ck = load_checkpoint(args.checkpoint, device="cpu", pack=True)
+    print(f"{Path(args.checkpoint).name}, {os.cpu_count()} cores, torch {torch.__version__}; {args.concurrency} "
+          f"concurrent generations of {args.chars} characters beside bench/http_floor.py's endpoint under load")
+    with tempfile.TemporaryDirectory() as tmp:
+        http = HttpBeside(Path(tmp) / "http_floor.log")
+        try:
+            for threads in args.threads:
+                ceiling = in_own_thread(bare_step_with_threads, ck.model, args.concurrency, threads)
+                print(f"\n{threads} torch threads, bare step with no load: {ceiling:,.0f} chars/s\n")
+                print("| HTTP requests/s beside | its CPU ms/request | engine greedy (ratio) | engine sampled (ratio) |")
+                print("|---|---|---|---|")
+                for rate in args.http_rates:
+                    driver = http.load(rate, args.http_seconds) if rate > 0 else None
+                    time.sleep(0.5 if driver else 0.0)  # the load is running before the engine starts
+                    speeds = [engine_speed(ck, threads, params, args.concurrency, args.chars, args.repeats)
+                              for params in MODES.values()]
+                    if driver is not None and driver.poll() is not None:
+                        raise SystemExit("the HTTP load ended before the engine: raise --http-seconds")
+                    served, cost = http.cost(driver) if driver else (0.0, 0.0)
+                    print(f"| {served:,.0f} | {cost:.3f} | "
+                          + " | ".join(f"{s:,.0f} ({s / ceiling:.2f})" for s in speeds) + " |", flush=True)
+        finally:
+            stop(http.server)
 
 
 if __name__ == "__main__":
