@@ -25,6 +25,7 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -42,6 +43,7 @@ from model_store.generate import Generation  # noqa: E402
 from model_store.registry import BUNDLED_DIR  # noqa: E402
 from model_store.sampling import SamplingParams  # noqa: E402
 
+HTTP_FLOOR = str(ROOT / "bench" / "http_floor.py")
 MODES = {"greedy": SamplingParams(), "sampled": SamplingParams(temperature=0.8, top_p=0.9)}
 
 
@@ -83,12 +85,11 @@ class HttpBeside:
     """bench/http_floor.py's endpoint in a subprocess, loaded at a given rate by another subprocess."""
 
     def __init__(self, log: Path):
-        command = [sys.executable, str(ROOT / "bench" / "http_floor.py"), "serve"]
-        self.server, self.url, _ = start(command, dict(os.environ), log)
+        self.server, self.url, _ = start([sys.executable, HTTP_FLOOR, "serve"], dict(os.environ), log)
 
     def load(self, rate: float, seconds: float) -> subprocess.Popen:
-        driver = subprocess.Popen([sys.executable, str(ROOT / "bench" / "http_floor.py"), "drive", self.url, str(rate),
-                                   str(seconds)], stdout=subprocess.PIPE, text=True)
+        driver = subprocess.Popen([sys.executable, HTTP_FLOOR, "drive", self.url, str(rate), str(seconds)],
+                                  stdout=subprocess.PIPE, text=True)
         if driver.stdout.readline().strip() != "ready":
             raise RuntimeError("bench/http_floor.py drive did not start")
         self.cpu_before = sum(thread_cpu(self.server.pid).values())
@@ -134,8 +135,6 @@ def main(argv=None) -> None:
 
 def beside_http(args) -> None:
     """The engine on the CPU with each of `args.http_rates` requests/s of HTTP load in other processes."""
-    import tempfile
-
     torch.set_num_threads(1)
     ck = load_checkpoint(args.checkpoint, device="cpu", pack=True)
     print(f"{Path(args.checkpoint).name}, {os.cpu_count()} cores, torch {torch.__version__}; {args.concurrency} "
