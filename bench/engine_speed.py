@@ -10,10 +10,13 @@ whole server on this CPU, this isolates the engine, and runs on a GPU too.
 With `--http-rates`, the engine is measured again while other processes serve that many HTTP
 requests a second beside it (bench/http_floor.py: a FastAPI endpoint with no model work, under an
 open-loop load): what the cheapest HTTP front end, sharing the cores but not the GIL, leaves the
-model. The ratios stay against the bare step timed with no load.
+model. The ratios stay against the bare step timed with no load. With `--parts`, what one engine
+step is made of instead: `model.step` alone, `Batch.step` greedy and sampled (the model step plus
+choosing, pushing and marking the characters), and the prefill of one request, in microseconds.
 
     .venv/bin/python bench/engine_speed.py --threads 1 2
     .venv/bin/python bench/engine_speed.py --threads 2 --http-rates 0 700 1000 0 700 1000
+    .venv/bin/python bench/engine_speed.py --threads 2 --parts
     python bench/engine_speed.py --devices cuda cpu --threads 1 2 4 8 16   # on a GPU machine
 """
 
@@ -39,7 +42,7 @@ from serve_load import PREFIXES, bare_step, start, stop, thread_cpu  # noqa: E40
 
 from app.engine import Engine  # noqa: E402
 from model_store.checkpoint import load_checkpoint  # noqa: E402
-from model_store.generate import Generation  # noqa: E402
+from model_store.generate import Batch, Generation, prefill_rows  # noqa: E402
 from model_store.registry import BUNDLED_DIR  # noqa: E402
 from model_store.sampling import SamplingParams  # noqa: E402
 
@@ -103,6 +106,40 @@ class HttpBeside:
         return answered / took, 1000 * (sum(thread_cpu(self.server.pid).values()) - self.cpu_before) / answered
 
 
+def best_time(fn, calls: int, repeats: int = 5) -> float:
+    """The best of `repeats` timings of `calls` calls of fn, in microseconds per call."""
+    best = float("inf")
+    for _ in range(repeats):
+        began = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        best = min(best, (time.perf_counter() - began) / calls)
+    return best * 1e6
+
+
+def step_parts(ck, batch: int, threads: int) -> dict[str, float]:
+    """Microseconds of the parts of one engine step at `batch` rows, and of one request's prefill."""
+    torch.set_num_threads(threads)
+    prefixes = [p for p in PREFIXES if not ck.vocab.unknown(p)] or [ck.vocab.idx_to_char[0]]
+    parts = {}
+    with torch.inference_mode():
+        for mode, params in MODES.items():
+            generations = [Generation(ck.model, ck.vocab, prefixes[0], 10**6, params, seed=i) for i in range(batch)]
+            rows = [row for g in generations for row in g.rows(owner=g)]
+            stepped = Batch(ck.model, ck.vocab)
+            stepped.add(rows, *prefill_rows(ck.model, generations))
+            parts[f"Batch.step {mode}"] = best_time(stepped.step, 300)
+        ids, state = torch.zeros(batch, dtype=torch.long), stepped.state
+        parts["model.step"] = best_time(lambda: ck.model.step(ids, state), 300)
+
+        def prefill_each():
+            for prefix in prefixes:
+                prefill_rows(ck.model, [Generation(ck.model, ck.vocab, prefix, 50, MODES["greedy"])])
+
+        parts["prefill of one request"] = best_time(prefill_each, 40) / len(prefixes)
+    return parts
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", default=str(BUNDLED_DIR / "gru.safetensors"))
@@ -114,10 +151,18 @@ def main(argv=None) -> None:
     p.add_argument("--http-rates", type=float, nargs="+", default=[],
                    help="measure the engine again beside HTTP load of these requests/s (0: none), on the CPU")
     p.add_argument("--http-seconds", type=float, default=10.0, help="how long each HTTP load lasts")
+    p.add_argument("--parts", action="store_true", help="time the parts of one engine step instead (CPU)")
     args = p.parse_args(argv)
+    torch.set_num_threads(1)  # this thread only loads and waits, as the service's threads do
     if args.http_rates:
         return beside_http(args)
-    torch.set_num_threads(1)  # this thread only loads and waits, as the service's threads do
+    if args.parts:
+        ck = load_checkpoint(args.checkpoint, device="cpu", pack=True)
+        for threads in args.threads:
+            parts = in_own_thread(step_parts, ck, args.concurrency, threads)
+            print(f"{threads} torch threads, batch {args.concurrency}: "
+                  + ", ".join(f"{name} {us:,.0f} us" for name, us in parts.items()))
+        return
     name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or platform.machine()
     print(f"{Path(args.checkpoint).name}, {os.cpu_count()} cores, torch {torch.__version__}, {name}; "
           f"{args.concurrency} concurrent generations of {args.chars} characters")
@@ -135,7 +180,6 @@ def main(argv=None) -> None:
 
 def beside_http(args) -> None:
     """The engine on the CPU with each of `args.http_rates` requests/s of HTTP load in other processes."""
-    torch.set_num_threads(1)
     ck = load_checkpoint(args.checkpoint, device="cpu", pack=True)
     print(f"{Path(args.checkpoint).name}, {os.cpu_count()} cores, torch {torch.__version__}; {args.concurrency} "
           f"concurrent generations of {args.chars} characters beside bench/http_floor.py's endpoint under load")
