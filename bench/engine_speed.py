@@ -58,6 +58,11 @@ def in_own_thread(fn, *args):
         return pool.submit(fn, *args).result()
 
 
+def usable_prefixes(vocab) -> list[str]:
+    """serve_load.py's prefixes that the vocabulary can read (its first character if none can)."""
+    return [p for p in PREFIXES if not vocab.unknown(p)] or [vocab.idx_to_char[0]]
+
+
 def bare_step_with_threads(model, batch: int, threads: int) -> float:
     torch.set_num_threads(threads)
     return bare_step(model, batch, steps=200, repeats=3)
@@ -72,7 +77,7 @@ async def through_engine(engine: Engine, generations: list[Generation]) -> float
 def engine_speed(ck, threads: int, params: SamplingParams, concurrency: int, chars: int, repeats: int) -> float:
     engine = Engine(max_batch=concurrency, max_queue=concurrency, threads=threads)
     engine.start()
-    prefixes = [p for p in PREFIXES if not ck.vocab.unknown(p)] or [ck.vocab.idx_to_char[0]]
+    prefixes = usable_prefixes(ck.vocab)
 
     def load(n: int) -> list[Generation]:
         return [Generation(ck.model, ck.vocab, prefixes[i % len(prefixes)], chars, params, seed=i) for i in range(n)]
@@ -120,7 +125,7 @@ def best_time(fn, calls: int, repeats: int = 5) -> float:
 def step_parts(ck, batch: int, threads: int) -> dict[str, float]:
     """Microseconds of the parts of one engine step at `batch` rows, and of one request's prefill."""
     torch.set_num_threads(threads)
-    prefixes = [p for p in PREFIXES if not ck.vocab.unknown(p)] or [ck.vocab.idx_to_char[0]]
+    prefixes = usable_prefixes(ck.vocab)
     parts = {}
     with torch.inference_mode():
         for mode, params in MODES.items():

@@ -399,10 +399,11 @@ def argmax(logits: torch.Tensor) -> torch.Tensor:
 
 class Sampler:
     """The rounds of sampling.py's rejection sampler for one batch of logits (rows, V), in C: the
-    first round computes each row's weights (unnormalised probabilities) and the running sums of its
-    blocks of 64, later rounds redraw the rejected rows from them (see kernels.c, `sample_rows`). The small per-row
-    arrays and the buffers are Python arrays and numpy, not tensors: every torch call lets go of
-    the GIL and waits to get it back (see `_compile`), and a batch makes these once a step."""
+    first round computes each row's weights (unnormalised probabilities) and the running sums of
+    its blocks of 64, later rounds redraw the rejected rows from them (see kernels.c,
+    `sample_rows`). The small per-row arrays and the buffers are Python arrays and numpy, not
+    tensors: every torch call lets go of the GIL and waits to get it back (see `_compile`), and a
+    batch makes these once a step."""
 
     def __init__(self, logits: torch.Tensor, temperature, top_k, top_p):
         self.logits = logits.contiguous()
@@ -470,9 +471,8 @@ class OneHotGates(torch.autograd.Function):
         weight, bias = weight.contiguous(), bias.contiguous() if bias is not None else None
         positions = ids.t().contiguous()  # time-major
         out = weight.new_empty(*positions.shape, width)
-        bad = library().onehot_gates(positions.numel(), width, vocab, weight.data_ptr(),
-                                     pointer(bias), positions.data_ptr(),
-                                     out.data_ptr())
+        bad = library().onehot_gates(positions.numel(), width, vocab, weight.data_ptr(), pointer(bias),
+                                     positions.data_ptr(), out.data_ptr())
         if bad >= 0:
             raise IndexError(f"character index {int(positions.view(-1)[bad])} is outside the vocabulary "
                              f"(size {vocab})")
