@@ -199,8 +199,9 @@ def detach_state(state):
 
 
 def train_epoch(model: CharLM, optimizer: torch.optim.Optimizer, corpus: Corpus, cfg: TrainConfig,
-                rng: random.Random, device: torch.device) -> tuple[float, float, int]:
-    """One pass over the training ids: (mean loss, mean pre-clip gradient norm, characters)."""
+                rng: random.Random, device: torch.device, progress: tqdm | None = None) -> tuple[float, float, int]:
+    """One pass over the training ids: (mean loss, mean pre-clip gradient norm, characters). `progress`,
+    a bar counting the epoch's characters (all ranks'), moves after every batch."""
     model.train()
     params = list(model.parameters())
     if cfg.sampling == "random":
@@ -225,6 +226,10 @@ def train_epoch(model: CharLM, optimizer: torch.optim.Optimizer, corpus: Corpus,
         loss_sum += nll.item() * Y.numel()
         n_chars += Y.numel()
         n_batches += 1
+        if progress is not None:
+            progress.set_postfix_str(f"batch {n_batches}/{progress.total // (cfg.batch_size * cfg.num_steps)}",
+                                     refresh=False)
+            progress.update(cfg.batch_size * cfg.num_steps)
     if n_batches == 0:
         raise CorpusError(f"the training part ({len(corpus.train_ids)} characters) is too short for one batch "
                           f"of {cfg.batch_size} x {cfg.num_steps}: lower --batch-size or --num-steps")
@@ -299,7 +304,12 @@ def train(cfg: TrainConfig, log=None) -> TrainResult:
         for group in optimizer.param_groups:
             group["lr"] = learning_rate_at(cfg, epoch)
         distributed.seed_dropout(cfg.seed, epoch)
-        loss, grad_norm, n_chars = train_epoch(net, optimizer, corpus, cfg, rng, device)
+        # inside the epoch: batches done, characters/s and the epoch's time left (a large corpus's epoch is minutes)
+        batches = num_batches(len(corpus.train_ids), cfg.batch_size, cfg.num_steps, cfg.sampling)
+        with tqdm(total=batches * cfg.batch_size * cfg.num_steps, desc=f"epoch {epoch + 1}", unit="char",
+                  unit_scale=True, leave=False, disable=not (cfg.progress and main), file=sys.stderr,
+                  dynamic_ncols=True, mininterval=0.5) as within:
+            loss, grad_norm, n_chars = train_epoch(net, optimizer, corpus, cfg, rng, device, within)
         loss, n_chars = distributed.mean_over_ranks(loss, n_chars, device)
         elapsed = time.perf_counter() - t0
         seconds += elapsed

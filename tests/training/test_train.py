@@ -414,3 +414,18 @@ def test_flat_positions_pairs_every_position_with_its_target_without_copying(tim
     assert flat.shape == (batch * steps, vocab) and flat.data_ptr() == logits.data_ptr()  # a view
     pairs = {(tuple(row.tolist()), int(y)) for row, y in zip(flat, targets, strict=True)}
     assert pairs == {(tuple(logits[b, t].tolist()), int(Y[b, t])) for b in range(batch) for t in range(steps)}
+
+
+def test_the_progress_bar_moves_inside_an_epoch_with_batches_characters_per_second_and_time_left(
+        tmp_path, corpus_file, tiny_train_config, capsys, monkeypatch):
+    """A large corpus's epoch takes minutes: the bar must count its batches as they are done, not once per epoch."""
+    import training.train
+    bar = training.train.tqdm
+    monkeypatch.setattr(training.train, "tqdm", lambda *a, **k: bar(*a, **{**k, "mininterval": 0}))  # draw every update
+    cfg = tiny_train_config(corpus_file, str(tmp_path / "m.safetensors"), epochs=1, progress=True)
+    train(cfg, log=lambda msg: None)
+    err = capsys.readouterr().err
+    batches = (len(load_corpus(corpus_file).train_ids) // cfg.batch_size - 1) // cfg.num_steps
+    assert batches > 3
+    assert f"batch 1/{batches}" in err and f"batch {batches}/{batches}" in err
+    assert "epoch 1:" in err and "char/s" in err  # the epoch's bar: characters/s and, by tqdm, time left
