@@ -61,7 +61,7 @@ class Job:
 
     def __init__(self, engine: Engine, generation: Generation, stream: bool):
         self.engine, self.generation, self.stream = engine, generation, stream
-        self.n = generation.n
+        self.n = generation.row_count
         self.deadline = time.monotonic() + engine.timeout_s
         self.stopped = False  # set by the client side, read by the scheduler between steps
         self.timed_out = self.cancelled = False
@@ -303,7 +303,7 @@ class Engine:
             self.pending -= units
 
     def submit(self, generation: Generation, stream: bool = True) -> Job:
-        self._admit(generation.n)
+        self._admit(generation.row_count)
         job = Job(self, generation, stream)
         with self.wake:
             key = id(generation.model)

@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_
 from pydantic_core import PydanticCustomError
 
 from app.settings import Settings
+from model_store.sampling import LYRIC_DEFAULTS, SamplingParams, decoding
 
 Unknown = Literal["error", "skip"]
 UNKNOWN_HELP = ("characters outside the model's vocabulary: 'error' answers 422 naming them; 'skip' drops them "
@@ -35,16 +36,29 @@ class ContinueFields(StrictBody):
         "LYRICS_MAX_PREFIX_CHARS. For models trained with newlines='space', newlines become spaces."))
     max_chars: int = Field(50, ge=0, le=1_000_000, description=(
         "characters to generate at most, up to LYRICS_MAX_NEW_CHARS (omitted: 50, or that limit if lower)"))
-    temperature: float = Field(0.0, ge=0.0, le=100.0, description="0: greedy (always the likeliest character, "
-                                                                   "as the tutorial's predict); higher: more random")
+    temperature: float | None = Field(None, ge=0.0, le=100.0, examples=[0.8], description=(
+        f"omitted: {LYRIC_DEFAULTS['temperature']}, sampled with the lyric defaults below. 0: greedy (always the "
+        "likeliest character, as the tutorial's predict; the same prefix always gives the same text, and the "
+        "fields below default to off); higher: more random"))
     top_k: int = Field(0, ge=0, le=1_000_000, description="sample among the k likeliest characters (0: no limit)")
-    top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling: the smallest set of characters "
-                                                          "whose probability reaches top_p (1: no limit)")
+    top_p: float | None = Field(None, gt=0.0, le=1.0, examples=[0.95], description=(
+        "nucleus sampling: the smallest set of characters whose probability reaches top_p (1: no limit). "
+        f"Omitted: {LYRIC_DEFAULTS['top_p']} when sampled, 1 when greedy"))
     repetition_penalty: float = Field(1.0, gt=0.0, le=100.0, description="> 1 makes characters already in the "
                                                                           "text less likely (1: off)")
-    no_repeat_ngram: int = Field(0, ge=0, le=1000, examples=[4], description=(
+    no_repeat_ngram: int | None = Field(None, ge=0, le=1000, examples=[4], description=(
         "n >= 2: never generate an n-character sequence that is already in the prefix or the generated text "
-        "(so a line cannot loop); 0: off. A structure constraint that allows only such characters wins"))
+        "(so a line cannot loop); 0: off. A structure constraint that allows only such characters wins. "
+        f"Omitted: {LYRIC_DEFAULTS['no_repeat_ngram']} when sampled, 0 when greedy"))
+    no_blank_runs: bool | None = Field(None, description=(
+        "never generate a blank (space, line break) right after a blank: no empty lines, no runs of spaces. "
+        "Omitted: true when sampled, false when greedy"))
+    best_of: int | None = Field(None, ge=1, le=64, examples=[8], description=(
+        "candidates sampled side by side for each continuation; every best_of_chars characters the one the model "
+        "finds likeliest is kept and the others continue from it (each continuation costs best_of rows of the "
+        f"batch; at most LYRICS_MAX_BEST_OF). Omitted: {LYRIC_DEFAULTS['best_of']} when sampled, 1 when greedy"))
+    best_of_chars: int | None = Field(None, ge=1, le=1_000_000, examples=[5], description=(
+        f"how often best_of compares its candidates, in characters (omitted: {LYRIC_DEFAULTS['best_of_chars']})"))
     stop: list[str] = Field([], max_length=1000, examples=[["\n"]], description=(
         "stop as soon as one of these strings is generated; it is not included in the text "
         "(at most LYRICS_MAX_STOP strings of LYRICS_MAX_STOP_CHARS characters)"))
@@ -55,7 +69,7 @@ class ContinueFields(StrictBody):
 
     @field_validator("no_repeat_ngram")
     @classmethod
-    def ngram_of_two_or_more(cls, n: int) -> int:
+    def ngram_of_two_or_more(cls, n: int | None) -> int | None:
         if n == 1:
             raise PydanticCustomError("no_repeat_ngram", "no_repeat_ngram must be 0 (off) or at least 2: with 1 "
                                                          "no character could ever appear twice")
@@ -78,6 +92,7 @@ class ContinueFields(StrictBody):
             ("max_chars", self.max_chars <= settings.max_new_chars,
              f"must be at most {settings.max_new_chars}"),
             ("stop", len(self.stop) <= settings.max_stop, f"at most {settings.max_stop} stop strings"),
+            ("best_of", (self.best_of or 1) <= settings.max_best_of, f"must be at most {settings.max_best_of}"),
             ("stop", all(len(s) <= settings.max_stop_chars for s in self.stop),
              f"each stop string must be at most {settings.max_stop_chars} characters"),
         ]
@@ -89,6 +104,11 @@ class ContinueFields(StrictBody):
     def continues_a_text(self) -> bool:
         """Whether the model has already read text (a state handle), so that an empty prefix will do."""
         return False
+
+    def sampling(self) -> SamplingParams:
+        """How the characters are chosen: the fields given, the lyric defaults for the others."""
+        return decoding(self.temperature, self.top_k, self.top_p, self.repetition_penalty, self.no_repeat_ngram,
+                        self.no_blank_runs, self.best_of, self.best_of_chars)
 
 
 LineLengths = StrictInt | Annotated[str, Field(max_length=10_000)] | Annotated[list[StrictInt], Field(max_length=1000)]

@@ -34,6 +34,7 @@ class Settings(BaseSettings):
     max_prefix_chars: int = Field(2000, ge=1, description="longest prefix accepted by /generate")
     max_new_chars: int = Field(2000, ge=1, description="largest max_chars accepted by /generate")
     max_n: int = Field(8, ge=1, description="most continuations per /generate request")
+    max_best_of: int = Field(16, ge=1, le=64, description="most best_of candidates per continuation")
     max_stop: int = Field(8, ge=0, description="most stop strings per request")
     max_stop_chars: int = Field(64, ge=1, description="longest stop string")
     max_texts: int = Field(32, ge=1, description="most texts per /perplexity request")

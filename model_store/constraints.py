@@ -26,6 +26,7 @@ Unconstrained rows have no `Tracker` and cost nothing.
 
 from __future__ import annotations
 
+import copy
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -238,6 +239,11 @@ class Tracker:
         self.missing = list(plan.required)
         self.final = plan.rhyme if isinstance(plan.rhyme, str) else None
         self.done = False
+
+    def copy(self) -> Tracker:
+        new = copy.copy(self)  # the plan is shared
+        new.missing = list(self.missing)
+        return new
 
     def allowed(self) -> torch.Tensor:
         """(vocab,) bool: the characters the next position may take."""

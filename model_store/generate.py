@@ -2,11 +2,14 @@
 
 `Generation` is one request's continuations; `Batch` steps the rows of any number of
 requests together, one model call per step (the service's engine drives it). How each
-row picks its character is sampling.py's job.
+row picks its character is sampling.py's job. With `best_of` > 1 each continuation is a
+`Group` of candidate rows, and every `best_of_chars` characters the likeliest candidate
+(by the model's own probabilities) is kept and the others continue from it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -16,6 +19,7 @@ import torch
 
 from model_store import kernels
 from model_store.constraints import Constraints, Plan, Tracker, mask_logits
+from model_store.mixture import for_generation
 from model_store.model import CharLM, State
 from model_store.sampling import NgramBlocker, SamplingParams, Uniforms, block_repeats, sample_next
 from model_store.state import Snapshot
@@ -74,10 +78,15 @@ class Row:
 
     def __init__(self, params: SamplingParams, seed: int | None, stop: Sequence[str], max_chars: int,
                  index: int = 0, owner=None, tracker: Tracker | None = None, keep_state: bool = False,
-                 read: Sequence[int] = ()):
+                 read: Sequence[int] = (), after_blank: bool = False, stream_seed: int | None = None):
         self.params, self.seed, self.stop, self.max_chars = params, seed, stop, max_chars
+        self.after_blank = after_blank  # the last character read or generated is a blank (no_blank_runs)
+        self.group: Group | None = None  # the best_of candidates this row is one of
+        self.loglik = 0.0  # log-probability of its characters since its group last compared them
         self.ngrams = NgramBlocker(params.no_repeat_ngram, read) if params.no_repeat_ngram else None
-        self.uniforms = Uniforms(seed) if seed is not None else None
+        self.read, self.generated_ids = read, []  # what the row's text is made of, for its snapshot
+        stream_seed = seed if stream_seed is None else stream_seed
+        self.uniforms = Uniforms(stream_seed) if stream_seed is not None else None
         self.index, self.owner = index, owner  # which choice of which request
         self.tracker, self.keep_state = tracker, keep_state
         self.snapshot: Snapshot | None = None
@@ -87,6 +96,8 @@ class Row:
     def push(self, char: str, index: int) -> str:
         """Append one generated character; return the text that is now safe to show ('' if none)."""
         self.text += char
+        self.after_blank = char.isspace()
+        self.generated_ids.append(index)
         if not self.stop and self.tracker is None and self.ngrams is None:  # the common case, per row and step
             if len(self.text) >= self.max_chars:
                 self.finish = "length"
@@ -107,6 +118,14 @@ class Row:
         new, self.emitted = self.text[self.emitted:safe], safe
         return new
 
+    def follow(self, lead: Row) -> None:
+        """Continue from `lead`'s text and bookkeeping (a group's candidate that lost), keeping its own
+        random stream. The batch copies the model state."""
+        self.text, self.emitted, self.finish, self.after_blank = lead.text, lead.emitted, lead.finish, lead.after_blank
+        self.generated_ids = list(lead.generated_ids)
+        self.tracker = lead.tracker.copy() if lead.tracker is not None else None
+        self.ngrams = lead.ngrams.copy() if lead.ngrams is not None else None
+
     def completion(self, prefix: str) -> Completion:
         met = self.tracker.plan.met(self.text) if self.tracker is not None else None
         return Completion(prefix + self.text, self.text, self.finish or "length", self.seed, met, self.snapshot)
@@ -114,9 +133,10 @@ class Row:
 
 def prefill_rows(model: CharLM, generations: Sequence[Generation]) -> tuple[torch.Tensor, State, torch.Tensor]:
     """Prefill the inputs (`ids`, all of one length) of several generations in one call, each from
-    its start state; generation i's logits, state and seen-mask rows are repeated n times, in order.
+    its start state; generation i's logits, state and seen-mask rows are repeated row_count times, in order.
     The seen mask is built in numpy: a server admits requests between the steps of its batch, and
     every torch call there waits for the GIL (see model.CharLM._generation_step)."""
+    model = for_generation(model)
     device = model.dense.weight.device
     start = model.init_state(len(generations), device)
     seen = numpy.zeros((len(generations), model.config.vocab_size), dtype=bool)
@@ -128,9 +148,9 @@ def prefill_rows(model: CharLM, generations: Sequence[Generation]) -> tuple[torc
         seen[i, g.ids] = True
     logits, state = model(torch.tensor([g.ids for g in generations], device=device), start, last_only=True)
     seen = torch.from_numpy(seen).to(device)
-    if all(g.n == 1 for g in generations):
+    if all(g.row_count == 1 for g in generations):
         return logits[:, -1], state, seen
-    counts = torch.tensor([g.n for g in generations], device=device)
+    counts = torch.tensor([g.row_count for g in generations], device=device)
     index = torch.repeat_interleave(torch.arange(len(generations), device=device), counts)
     return logits[:, -1].index_select(0, index), select_state(state, index), seen.index_select(0, index)
 
@@ -145,9 +165,23 @@ def state_to(state: State, device, copy: bool = False) -> State:
     return state.to(device, copy=copy)
 
 
-def snapshot(state: State, last: int, seen: torch.Tensor) -> Snapshot:
-    """A CPU copy of one row's position: its state (all but the last character read), that character, seen-mask."""
-    return Snapshot(state_to(state, "cpu", copy=True), last, seen.to("cpu", copy=True))
+def snapshot(state: State, last: int, seen: torch.Tensor, text: Sequence[int]) -> Snapshot:
+    """A CPU copy of one row's position: its state (all but the last character read), that character, seen-mask,
+    and the ids of the text before that character."""
+    return Snapshot(state_to(state, "cpu", copy=True), last, seen.to("cpu", copy=True), list(text))
+
+
+class Group:
+    """The `best_of` candidate rows of one continuation. They step side by side, each drawing from its
+    own random stream; every `every` characters, or when one finishes, the candidate whose characters
+    since the last comparison were likeliest under the model (its own softmax, before temperature and
+    filters) becomes the `lead`, and the others continue from it. Only the lead's text is shown."""
+
+    def __init__(self, rows: list[Row], every: int):
+        self.rows, self.every, self.lead = rows, every, rows[0]
+        self.steps = self.emitted = 0
+        for row in rows:
+            row.group = self
 
 
 class Batch:
@@ -161,7 +195,8 @@ class Batch:
     """
 
     def __init__(self, model: CharLM, vocab: Vocabulary):
-        self.model, self.vocab = model, vocab
+        self.model, self.vocab = for_generation(model), vocab
+        self.blanks = torch.tensor([c.isspace() for c in vocab.idx_to_char], dtype=torch.bool)
         self.rows: list[Row] = []
         self.logits: torch.Tensor | None = None
         self.state: State | None = None
@@ -196,22 +231,61 @@ class Batch:
     def step(self) -> list[tuple[Row, str]]:
         """One character for every row: each row with the text it made safe to show."""
         rows = self.rows
-        logits = block_repeats(mask_logits(self.logits, [r.tracker for r in rows]), rows)
+        logits = block_repeats(mask_logits(self.logits, [r.tracker for r in rows]), rows, self.blanks)
         chosen = sample_next(logits, [r.params for r in rows], self.seen, [r.uniforms for r in rows])
         chars = self.vocab.idx_to_char
         produced = [(row, row.push(chars[c], c)) for row, c in zip(rows, chosen.tolist(), strict=True)]
+        if any(row.group is not None for row in rows):
+            produced = self.compare_candidates(chosen, produced)
         kernels.mark_seen(self.seen, chosen)
         live = [i for i, r in enumerate(rows) if r.finish is None]
         if len(live) < len(rows):
             for i, row in enumerate(rows):
                 if row.finish is not None and row.keep_state:  # its state has read all but the last character
                     state = select_state(self.state, torch.tensor([i], device=chosen.device))
-                    row.snapshot = snapshot(state, int(chosen[i]), self.seen[i])
+                    row.snapshot = snapshot(state, int(chosen[i]), self.seen[i], row.read + row.generated_ids[:-1])
             chosen = chosen[torch.tensor(live, dtype=torch.long, device=chosen.device)]
             self.keep(live, logits=False)
         if self.rows:
             self.logits, self.state = self.model.step(chosen, self.state)
         return produced
+
+
+    def compare_candidates(self, chosen: torch.Tensor, produced: list[tuple[Row, str]]) -> list[tuple[Row, str]]:
+        """Add each candidate's character log-probability; in every group due for a comparison, make the
+        likeliest candidate the lead and move the others onto its text, state, seen-mask and character
+        (in place, before the state advances). Only a group's lead shows text, what it added since the
+        group last showed some."""
+        rows = self.rows
+        grouped = [i for i, r in enumerate(rows) if r.group is not None]
+        index = torch.tensor(grouped, device=chosen.device)
+        log_probs = torch.log_softmax(self.logits.index_select(0, index).float(), dim=1)
+        for i, lp in zip(grouped, log_probs.gather(1, chosen.index_select(0, index)[:, None])[:, 0].tolist(),
+                         strict=True):
+            rows[i].loglik += lp
+        position = {id(r): i for i, r in enumerate(rows)}
+        shown: dict[int, str] = {}
+        targets, sources = [], []
+        for group in {id(rows[i].group): rows[i].group for i in grouped}.values():
+            group.steps += 1
+            if group.steps < group.every and not any(r.finish for r in group.rows):
+                continue
+            group.steps = 0
+            lead = group.lead = max(group.rows, key=lambda r: r.loglik)  # ties: the first
+            for row in group.rows:
+                row.loglik = 0.0
+                if row is not lead:
+                    row.follow(lead)
+                    targets.append(position[id(row)])
+                    sources.append(position[id(lead)])
+            shown[id(lead)], group.emitted = lead.text[group.emitted:lead.emitted], lead.emitted
+        if targets:
+            to, source = (torch.tensor(x, device=chosen.device) for x in (targets, sources))
+            chosen[to] = chosen[source]
+            self.seen[to] = self.seen[source]
+            for part in as_tuple(self.state):
+                part[:, to] = part[:, source]
+        return [(row, text if row.group is None else shown.get(id(row), "")) for row, text in produced]
 
 
 class Generation:
@@ -250,11 +324,34 @@ class Generation:
         self.seeds = [seed + i if params.temperature > 0 else None for i in range(n)]
         self.completions: list[Completion] = []
 
+    def text_ids(self) -> list[int]:
+        """The ids of the whole text read so far: a snapshot's text and its last character, then the prefix."""
+        start = self.start.text + [self.start.last] if self.start is not None else []
+        return start + self.vocab.encode(self.prefix)
+
+    @property
+    def row_count(self) -> int:
+        """Rows this generation takes in a batch: n continuations of best_of candidates each."""
+        return self.n * self.params.best_of
+
     def rows(self, owner=None) -> list[Row]:
-        return [Row(self.params, s, self.stop, self.max_chars, i, owner, self.plan and self.plan.tracker(),
-                    self.keep_state, self.vocab.encode(self.prefix)) for i, s in enumerate(self.seeds)]
+        """The batch rows: per continuation, its best_of candidates (a `Group` when more than one).
+        Candidate 0 of choice i draws from seed + i, so best_of 1 is plain sampling; candidate j
+        from `candidate_seed(seed + i, j)`."""
+        read = self.text_ids()
+        last = self.prefix[-1:] or self.vocab.idx_to_char[self.ids[-1]]
+        rows = []
+        for i, seed in enumerate(self.seeds):
+            candidates = [Row(self.params, seed, self.stop, self.max_chars, i, owner, self.plan and self.plan.tracker(),
+                              self.keep_state, read, last.isspace(),
+                              candidate_seed(seed, j)) for j in range(self.params.best_of)]
+            if len(candidates) > 1:
+                Group(candidates, self.params.best_of_chars)
+            rows += candidates
+        return rows
 
     def finish(self, rows: list[Row]) -> None:
+        rows = [row for row in rows if row.group is None or row is row.group.lead]  # one per continuation
         for row in rows:
             if row.keep_state and row.finish and row.snapshot is None:  # nothing generated (max_chars 0)
                 row.snapshot = self.read_all_but_last()
@@ -271,8 +368,8 @@ class Generation:
         with torch.no_grad():
             state = start
             if len(self.ids) > 1:
-                state = self.model(torch.tensor([self.ids[:-1]], device=device), start, last_only=True)[1]
-        return snapshot(state, self.ids[-1], seen)
+                state = for_generation(self.model)(torch.tensor([self.ids[:-1]], device=device), start, last_only=True)[1]
+        return snapshot(state, self.ids[-1], seen, self.text_ids()[:-1])
 
     def __iter__(self) -> Iterator[Delta]:
         # grad mode is thread-local state: set it per block, never across a yield
@@ -286,6 +383,15 @@ class Generation:
                 if text:
                     yield Delta(row.index, text)
         self.finish(rows)
+
+
+def candidate_seed(seed: int | None, j: int) -> int | None:
+    """The random stream of best_of candidate j of the choice whose seed is `seed`: the seed itself for
+    candidate 0, a hash of both for the others (torch's CPU generator reads only a seed's low 32 bits, so
+    seed + j * 2**k would repeat candidate 0's stream)."""
+    if seed is None or j == 0:
+        return seed
+    return int.from_bytes(hashlib.blake2b(f"{seed}/{j}".encode(), digest_size=8).digest(), "little")
 
 
 def generate(model: CharLM, vocab: Vocabulary, prefix: str, max_chars: int = 50,

@@ -19,10 +19,14 @@ batching engine): `forward(inputs, state)` returns log-probabilities as logits a
 whose tensors all have the batch on dim 1: the recurrent state, then the history window
 (1, batch, window) of int32 character ids, -1 where empty. Sampling with a temperature T from
 log-probabilities draws from p^(1/T), as it does from a plain model's logits.
+
+Generation does not mix the cache in (`for_generation`): a cache of the text being written feeds
+on the model's own output, and a loop, once started, is what it predicts best. Scoring keeps it.
 """
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import asdict, dataclass
 
 import torch
@@ -112,6 +116,7 @@ class MixtureLM(nn.Module):
         self.rnn, self.ngram, self.mixture = rnn, ngram, config
         self.cache = HistoryCache(config.cache_order, rnn.config.vocab_size)
         self.register_buffer("weights", torch.tensor(config.weights, dtype=torch.float32), persistent=False)
+        self.rnn_only = ngram is None and all(w[0] == 1.0 for w in config.weights)  # nothing to mix in
 
     # what generation, scoring and the registry ask of a model
     @property
@@ -153,10 +158,22 @@ class MixtureLM(nn.Module):
 
     def step(self, ids: torch.Tensor, state) -> tuple[torch.Tensor, tuple]:
         """One generation step, as CharLM.step: ids (batch,) -> log-probabilities (batch, vocab), state."""
+        if self.rnn_only:  # the recurrent model's own (packed) step; the history moves on by one character
+            *rnn_state, history = state
+            logits, rnn_state = self.rnn.step(ids, tuple(rnn_state) if self.config.cell == "lstm" else rnn_state[0])
+            history = torch.cat([history[:, :, 1:], ids.to(history.dtype)[None, :, None]], dim=2)
+            return torch.log_softmax(logits.float(), dim=-1), (*self.split(rnn_state), history)
         log_probs, state = self(ids[:, None], state)
         return log_probs[:, -1], state
 
     def forward(self, inputs: torch.Tensor, state=None, last_only: bool = False) -> tuple[torch.Tensor, tuple]:
+        if self.rnn_only:  # the history is still kept, so states (and state handles) keep one layout
+            state = self.init_state(inputs.shape[0], inputs.device) if state is None else state
+            *rnn_state, history = state
+            logits, rnn_state = self.rnn(inputs, tuple(rnn_state) if self.config.cell == "lstm" else rnn_state[0])
+            text = torch.cat([history[0], inputs.to(history.dtype)], dim=1)[:, -history.shape[2]:]
+            logits = logits[:, -1:] if last_only else logits
+            return torch.log_softmax(logits.float(), dim=-1), (*self.split(rnn_state), text[None].contiguous())
         parts, state = self.components(inputs, state, last_only)
         weights = self.weights[parts.pop("bucket")]  # (batch, steps, 3)
         logits = parts.pop("logits").float()
@@ -197,3 +214,19 @@ class MixtureLM(nn.Module):
                         else text.new_empty(batch * steps, 0))
             parts["ngram"] = self.ngram.distributions(contexts).view(batch, steps, -1)
         return parts, state
+
+
+_generation_views: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def for_generation(model):
+    """What generation runs for `model`: a plain model itself; for a mixture, one view (made once) of
+    its recurrent model alone, whose states keep the mixture's layout, so state handles work either way."""
+    if not isinstance(model, MixtureLM) or model.rnn_only:
+        return model
+    view = _generation_views.get(model)
+    if view is None:
+        order, window = model.mixture.cache_order, model.mixture.cache_window
+        static = MixtureConfig(((1.0, 0.0, 0.0),) * (order + 1), order, window)
+        view = _generation_views[model] = MixtureLM(model.rnn, None, static).eval()
+    return view

@@ -1,4 +1,5 @@
-"""Choosing the next character: sampling settings, the vectorised sampler, and no-repeat n-grams.
+"""Choosing the next character: sampling settings and the lyric defaults, the vectorised sampler,
+no-repeat n-grams and blank runs.
 
 `sample_next` is vectorised over rows that may each have their own sampling settings
 and their own random stream, so a row's output never depends on which other rows share
@@ -10,6 +11,7 @@ C kernels are built, each round is one C call (`sample_fused`), on a GPU's logit
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -27,6 +29,9 @@ class SamplingParams:
     top_p: float = 1.0  # nucleus: smallest set of characters whose probability reaches top_p
     repetition_penalty: float = 1.0  # > 1 discourages characters already in the text
     no_repeat_ngram: int = 0  # n >= 2: never complete an n-character sequence already in the text; 0: off
+    no_blank_runs: bool = False  # never a blank (space, line break) right after a blank
+    best_of: int = 1  # candidates sampled per continuation; every best_of_chars the likeliest is kept
+    best_of_chars: int = 5
 
     def __post_init__(self):
         if not 0.0 <= self.temperature <= 100.0:
@@ -39,6 +44,34 @@ class SamplingParams:
             raise ValueError(f"repetition_penalty must be in (0, 100], not {self.repetition_penalty!r}")
         if self.no_repeat_ngram == 1 or not 0 <= self.no_repeat_ngram <= 1000:
             raise ValueError(f"no_repeat_ngram must be 0 (off) or in [2, 1000], not {self.no_repeat_ngram!r}")
+        if not 1 <= self.best_of <= 64:
+            raise ValueError(f"best_of must be in [1, 64], not {self.best_of!r}")
+        if not 1 <= self.best_of_chars <= 1_000_000:
+            raise ValueError(f"best_of_chars must be at least 1, not {self.best_of_chars!r}")
+
+
+# What a request that names none of these gets. Chosen by bench/generation_quality.py (docs/quality.md,
+# "What the service writes"): sampled, nucleus, no repeated 4-grams, no blank runs, and the likeliest of 8
+# candidates kept every 5 characters. Greedy (temperature 0) turns the lyric-shaping rules off unless asked.
+LYRIC_DEFAULTS = {"temperature": 0.8, "top_p": 0.95, "no_repeat_ngram": 4, "no_blank_runs": True, "best_of": 8,
+                  "best_of_chars": 5}
+
+
+def decoding(temperature: float | None = None, top_k: int = 0, top_p: float | None = None,
+             repetition_penalty: float = 1.0, no_repeat_ngram: int | None = None, no_blank_runs: bool | None = None,
+             best_of: int | None = None, best_of_chars: int | None = None) -> SamplingParams:
+    """SamplingParams from a request's fields, None standing for "not given": the lyric defaults when
+    the text is sampled; with temperature 0 (greedy, the tutorial's predict) the others are off."""
+    if temperature is None:
+        temperature = LYRIC_DEFAULTS["temperature"]
+    sampled = temperature > 0
+
+    def pick(value, name, off):
+        return value if value is not None else (LYRIC_DEFAULTS[name] if sampled else off)
+
+    return SamplingParams(temperature, top_k, pick(top_p, "top_p", 1.0), repetition_penalty,
+                          pick(no_repeat_ngram, "no_repeat_ngram", 0), pick(no_blank_runs, "no_blank_runs", False),
+                          pick(best_of, "best_of", 1), pick(best_of_chars, "best_of_chars", LYRIC_DEFAULTS["best_of_chars"]))
 
 
 class Uniforms:
@@ -213,6 +246,11 @@ class NgramBlocker:
         for i in ids:
             self.push(i)
 
+    def copy(self) -> NgramBlocker:
+        new = copy.copy(self)
+        new.ids, new.followers = list(self.ids), {k: set(v) for k, v in self.followers.items()}
+        return new
+
     def push(self, index: int) -> None:
         self.ids.append(index)
         if len(self.ids) >= self.n:
@@ -222,16 +260,20 @@ class NgramBlocker:
         return self.followers.get(tuple(self.ids[len(self.ids) - self.n + 1:]), set())
 
 
-def block_repeats(logits: torch.Tensor, rows: Sequence) -> torch.Tensor:
-    """Rule out, per row (generate.Row), the characters its `no_repeat_ngram` bans; rows without one
-    (`row.ngrams` None) are untouched."""
-    banned = [(i, sorted(r.ngrams.banned())) for i, r in enumerate(rows) if r.ngrams is not None]
-    banned = [(i, ids) for i, ids in banned if ids]
+def block_repeats(logits: torch.Tensor, rows: Sequence, blanks: torch.Tensor | None = None) -> torch.Tensor:
+    """Rule out, per row (generate.Row), the characters its `no_repeat_ngram` bans and, with
+    `no_blank_runs` after a blank, the blanks (`blanks`: (vocab,) bool). Other rows are untouched;
+    a row whose every allowed character would be ruled out (a constraint forcing one) keeps them."""
+    banned = [(i, sorted(r.ngrams.banned()) if r.ngrams is not None else [],
+               r.after_blank and r.params.no_blank_runs and blanks is not None) for i, r in enumerate(rows)]
+    banned = [b for b in banned if b[1] or b[2]]
     if not banned:
         return logits
     blocked = logits.clone()
-    for i, ids in banned:
+    for i, ids, blank in banned:
         blocked[i, ids] = float("-inf")
+        if blank:
+            blocked[i, blanks.to(logits.device)] = float("-inf")
         if bool(torch.isinf(blocked[i]).all()):  # a constraint allows only banned characters: it wins
             blocked[i] = logits[i]
     return blocked

@@ -10,10 +10,11 @@ A handle is `ls1.<body>.<mac>`, both parts base64url without padding:
     body = 4-byte little-endian header length | JSON header | state tensors | packed seen bits
     mac  = HMAC-SHA256(key, "ls1." + base64url(body))
 
-The header names the model (name, a SHA-256 of its weights, of its vocabulary, its sizes) and
-the expiry time. The state tensors are raw little-endian bytes (float32; a mixture model's
-history is int64), laid out as the model's own `init_state(1)`, which is also what a handle
-is checked against when it is opened. Nothing is unpickled.
+The header names the model (name, a SHA-256 of its weights, of its vocabulary, its sizes),
+the expiry time and the text's last TEXT_KEPT characters (ids, for `no_repeat_ngram`). The
+state tensors are raw little-endian bytes (float32; a mixture model's history is int32),
+laid out as the model's own `init_state(1)`, which is also what a handle is checked against
+when it is opened. Nothing is unpickled.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import json
 import struct
 import time
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -35,6 +36,7 @@ from model_store.model import CharLM, State
 from model_store.vocab import Vocabulary
 
 PREFIX = "ls1."
+TEXT_KEPT = 4096  # characters of the text a handle carries for no_repeat_ngram
 _fingerprints: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -54,6 +56,8 @@ class Snapshot:
     state: State  # the model's state for one row, after every character but the last
     last: int  # the last character's index: fed first when the text continues
     seen: torch.Tensor  # (vocab,) bool: the characters of the text so far
+    # the ids before `last`, its last TEXT_KEPT at most: no_repeat_ngram bans the text's n-grams on continuing
+    text: list[int] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -110,7 +114,8 @@ class StateCodec:
         now = time.time() if now is None else now
         header = {"model": identity.name, "weights": identity.weights, "vocab": identity.vocab,
                   "cell": identity.cell, "layers": identity.num_layers, "hidden": identity.hidden_size,
-                  "vocab_size": identity.vocab_size, "last": snapshot.last, "expires": int(now + self.ttl_s)}
+                  "vocab_size": identity.vocab_size, "last": snapshot.last, "text": snapshot.text[-TEXT_KEPT:],
+                  "expires": int(now + self.ttl_s)}
         raw = json.dumps(header, ensure_ascii=False, separators=(",", ":")).encode()
         tensors = b"".join(little_endian(p.detach().cpu().numpy()).tobytes() for p in parts_of(snapshot.state))
         seen = np.packbits(snapshot.seen.to("cpu").numpy().astype(bool), bitorder="little").tobytes()
@@ -165,9 +170,10 @@ class OpenedState:
         shapes = [(little_endian(t.cpu().numpy()).dtype, t.shape) for t in parts_of(template)]
         sizes = [dtype.itemsize * int(np.prod(shape)) for dtype, shape in shapes]
         seen_bytes = (identity.vocab_size + 7) // 8
-        last = h.get("last")
+        last, text = h.get("last"), h.get("text", [])  # a handle made before "text" was kept has none
         if len(self.payload) != sum(sizes) + seen_bytes or not isinstance(last, int) \
-                or not 0 <= last < identity.vocab_size:
+                or not 0 <= last < identity.vocab_size or not isinstance(text, list) \
+                or not all(isinstance(i, int) and 0 <= i < identity.vocab_size for i in text):
             raise StateError("invalid", "the state handle's contents do not fit the model")
         parts, offset = [], 0
         for (dtype, shape), size in zip(shapes, sizes, strict=True):
@@ -176,7 +182,7 @@ class OpenedState:
             offset += size
         bits = np.unpackbits(np.frombuffer(self.payload, dtype=np.uint8, offset=offset), bitorder="little")
         seen = torch.from_numpy(bits[:identity.vocab_size].astype(bool))
-        return Snapshot(tuple(parts) if isinstance(template, tuple) else parts[0], last, seen)
+        return Snapshot(tuple(parts) if isinstance(template, tuple) else parts[0], last, seen, text)
 
 
 def parts_of(state: State) -> tuple[torch.Tensor, ...]:

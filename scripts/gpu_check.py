@@ -36,7 +36,7 @@ from model_store.generate import Generation, generate  # noqa: E402
 from model_store.mixture import MixtureConfig, MixtureLM  # noqa: E402
 from model_store.ngram import KneserNey  # noqa: E402
 from model_store.registry import BUNDLED_DIR, load_directory  # noqa: E402
-from model_store.sampling import SamplingParams  # noqa: E402
+from model_store.sampling import SamplingParams, decoding  # noqa: E402
 from training.train import TrainConfig, train  # noqa: E402
 
 TEXT = "窗外的燕子 在屋檐下唱歌\n你说这一句 像雨后的街道\n手中的铅笔 画着远方的船\n" * 40
@@ -62,8 +62,9 @@ async def app_answers(model_dir: Path, device: str) -> dict:
         for m in models:
             name, common = m["name"], {"model": m["name"], "unknown": "skip"}
             answers[name] = {
-                "greedy": [await post(client, "/generate", {"prefix": p, "max_chars": 100, **common})
+                "greedy": [await post(client, "/generate", {"prefix": p, "max_chars": 100, "temperature": 0, **common})
                            for p in APP_PREFIXES],
+                # the other decoding fields omitted: the lyric defaults (best_of candidates among them)
                 "sampled": await post(client, "/generate", {"prefix": APP_PREFIXES[0], "n": 3, "max_chars": 60,
                                                             "temperature": 0.8, "seed": 7, **common}),
                 "perplexity": await post(client, "/perplexity", {"text": APP_TEXTS, **common}),
@@ -118,7 +119,7 @@ def check_app(model_dir: Path, device: str = "cuda", reference: str = "cpu", rel
 
 async def run_engine(generations: list[Generation]) -> tuple[list[list[str]], float]:
     """Every generation submitted at once to one engine: their texts and the wall time."""
-    engine = Engine(max_batch=64, max_queue=len(generations))
+    engine = Engine(max_batch=64, max_queue=sum(g.row_count for g in generations))  # rows, best_of candidates too
     engine.start()
     try:
         t0 = time.perf_counter()
@@ -137,7 +138,7 @@ def check_engine(path: Path, device: str = "cuda") -> tuple[dict, list]:
     prefixes = [p for p in ["窗外", "你说这一句", "手中的铅笔\n", "像", "在屋檐下唱歌", "分开", "我"]
                 if not ck.vocab.unknown(p)][:5]
     generations = [Generation(ck.model, ck.vocab, prefixes[i % len(prefixes)], 20 + 13 * i,
-                              SamplingParams() if i % 2 else SamplingParams(temperature=0.8, top_p=0.9),
+                              SamplingParams() if i % 2 else decoding(temperature=0.8, top_p=0.9),  # best_of 8
                               seed=i, n=1 + i % 3) for i in range(24)]
     together, _ = asyncio.run(run_engine(generations))
     alone = [[c.text for c in generate(g.model, g.vocab, g.prefix, g.max_chars, g.params, seed=g.seeds[0], n=g.n)]

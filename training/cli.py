@@ -19,7 +19,7 @@ from model_store.checkpoint import CheckpointError, load_checkpoint
 from model_store.constraints import Constraints
 from model_store.generate import generate
 from model_store.registry import BUNDLED_DIR, LoadedModels, describe, load_directory, resolve, resolve_device
-from model_store.sampling import SamplingParams
+from model_store.sampling import LYRIC_DEFAULTS, decoding
 from model_store.scoring import score_text
 from model_store.surprisal import surprisal_json
 from model_store.vocab import UnknownCharactersError, normalise_newlines
@@ -137,12 +137,23 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(g)
     g.add_argument("--prefix", required=True, help="text to continue (every character must be in the vocabulary)")
     g.add_argument("--max-chars", type=non_negative_int, default=50, help="characters to generate at most")
-    g.add_argument("--temperature", type=float, default=0.0, help="0: greedy, as the tutorial's predict")
+    lyric = LYRIC_DEFAULTS
+    g.add_argument("--temperature", type=float, default=None,
+                   help=f"0: greedy, as the tutorial's predict (and the options below off unless given); "
+                        f"omitted: {lyric['temperature']}, with the lyric defaults below")
     g.add_argument("--top-k", type=non_negative_int, default=0, help="sample among the k likeliest (0: all)")
-    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
+    g.add_argument("--top-p", type=float, default=None, help=f"nucleus sampling mass (sampled: {lyric['top_p']})")
     g.add_argument("--repetition-penalty", type=float, default=1.0, help=">1 discourages repeated characters")
-    g.add_argument("--no-repeat-ngram", type=non_negative_int, default=0, metavar="N",
-                   help="N >= 2: never generate an N-character sequence already in the prefix or the output (0: off)")
+    g.add_argument("--no-repeat-ngram", type=non_negative_int, default=None, metavar="N",
+                   help="N >= 2: never generate an N-character sequence already in the prefix or the output "
+                        f"(0: off; sampled: {lyric['no_repeat_ngram']})")
+    g.add_argument("--no-blank-runs", action=argparse.BooleanOptionalAction, default=None,
+                   help="never a blank (space, line break) right after a blank (sampled: on)")
+    g.add_argument("--best-of", type=positive_int, default=None, metavar="K",
+                   help=f"K candidates per continuation, the likeliest kept every --best-of-chars characters "
+                        f"(sampled: {lyric['best_of']})")
+    g.add_argument("--best-of-chars", type=positive_int, default=None, metavar="C",
+                   help=f"how often --best-of compares its candidates (default {lyric['best_of_chars']})")
     g.add_argument("--stop", action="append", default=[], help="stop when this string is generated (repeatable)")
     g.add_argument("--seed", type=int, default=None, help="seed for sampling (same seed, same text)")
     g.add_argument("-n", type=positive_int, default=1, help="number of continuations")
@@ -230,8 +241,8 @@ def cmd_mix(args) -> int:
 
 def cmd_generate(args) -> int:
     ck = open_model(args)
-    params = SamplingParams(args.temperature, args.top_k, args.top_p, args.repetition_penalty,
-                            args.no_repeat_ngram)
+    params = decoding(args.temperature, args.top_k, args.top_p, args.repetition_penalty, args.no_repeat_ngram,
+                      args.no_blank_runs, args.best_of, args.best_of_chars)
     prefix = normalise_newlines(args.prefix, ck.newlines)
     constraints = None
     if args.lines or args.line_lengths or args.rhyme or args.banned or args.required:

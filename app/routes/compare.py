@@ -25,7 +25,6 @@ from app.served import ServedModels
 from model_store.checkpoint import Checkpoint
 from model_store.generate import Completion, Generation
 from model_store.registry import describe
-from model_store.sampling import SamplingParams
 from model_store.scoring import Score, score_text
 
 router = APIRouter(tags=["compare"])
@@ -70,9 +69,8 @@ async def compare(body: CompareRequest, models: ModelsDep, engine: EngineDep, se
     if errors := body.limit_errors(settings):
         raise invalid(errors)
     entries = prepare(chosen(models, body.models), body)
-    seed = secrets.randbits(31) if body.temperature > 0 and body.seed is None else body.seed
-    params = SamplingParams(body.temperature, body.top_k, body.top_p, body.repetition_penalty,
-                            body.no_repeat_ngram)
+    params = body.sampling()
+    seed = secrets.randbits(31) if params.temperature > 0 and body.seed is None else body.seed
     jobs: list[tuple[Job, float]] = []
     try:
         for e in entries:

@@ -20,7 +20,6 @@ from app.settings import Settings
 from model_store.checkpoint import Checkpoint
 from model_store.constraints import ConstraintError, Constraints, parse_line_lengths, structure_chars
 from model_store.generate import Completion, Generation
-from model_store.sampling import SamplingParams
 from model_store.state import Snapshot, StateCodec, StateError, model_identity
 
 log = logging.getLogger("app.generate")
@@ -80,8 +79,7 @@ async def generate(body: GenerateRequest, models: ModelsDep, engine: EngineDep, 
         raise invalid(errors)
     ck, start = open_state(body, models, codec)
     prefix, skipped, missing = prepare_prefix(ck, body)
-    params = SamplingParams(body.temperature, body.top_k, body.top_p, body.repetition_penalty,
-                            body.no_repeat_ngram)
+    params = body.sampling()
     constraints = read_constraints(body, settings, max_chars_given)
     try:
         generation = Generation(ck.model, ck.vocab, prefix, body.max_chars, params, body.stop, body.seed, body.n,

@@ -13,7 +13,7 @@ from app.settings import Settings
 from model_store.checkpoint import save_checkpoint
 from model_store.generate import Generation, generate
 from model_store.model import CharLM, ModelConfig
-from model_store.sampling import SamplingParams
+from model_store.sampling import decoding
 from model_store.scoring import score_text
 from model_store.vocab import Vocabulary
 
@@ -26,18 +26,19 @@ async def post(client, **body):
     return await client.post("/compare", json=body)
 
 
-def alone(ck, prefix: str, max_chars: int, seed: int | None = None, temperature: float = 0.0):
-    return generate(ck.model, ck.vocab, prefix, max_chars, SamplingParams(temperature), seed=seed)[0]
+def alone(ck, prefix: str, max_chars: int, seed: int | None = None, stop=(), **fields):
+    """What model_store gives for the request's decoding fields (`decoding`, as the service reads them)."""
+    return generate(ck.model, ck.vocab, prefix, max_chars, decoding(**fields), stop, seed=seed)[0]
 
 
 async def test_every_loaded_model_by_default_each_as_it_would_generate_alone(client, checkpoints):
-    r = await post(client, prefix="分开", max_chars=30)
+    r = await post(client, prefix="分开", max_chars=30, temperature=0)
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["prefix"] == "分开" and body["seed"] is None and body["text"] is None
     assert [x["model"] for x in body["results"]] == ["gru", "rnn"]
     for result in body["results"]:
-        expected = alone(checkpoints[result["model"]], "分开", 30)
+        expected = alone(checkpoints[result["model"]], "分开", 30, temperature=0)
         assert (result["text"], result["generated"], result["finish_reason"]) == (
             expected.text, expected.generated, expected.finish_reason)
         assert result["latency_ms"] > 0
@@ -50,7 +51,7 @@ async def test_one_seed_for_every_model_drawn_when_omitted_and_returned(client, 
     assert isinstance(seed, int)
     assert [x["model"] for x in body["results"]] == ["rnn", "gru"]  # the order asked for
     for result in body["results"]:
-        assert result["text"] == alone(checkpoints[result["model"]], "你说", 25, seed, 0.9).text
+        assert result["text"] == alone(checkpoints[result["model"]], "你说", 25, seed, temperature=0.9).text
     again = (await post(client, prefix="你说", max_chars=25, temperature=0.9, models=["rnn", "gru"], seed=seed)).json()
     assert again["results"][0]["text"] == body["results"][0]["text"]
 
@@ -88,12 +89,12 @@ async def test_provenance_comes_from_each_checkpoint(client, checkpoints):
 
 
 async def test_stop_strings_and_prefix_newlines_apply_per_model(client, checkpoints):
-    body = (await post(client, prefix="分开\r\n", max_chars=40, stop=["的"])).json()
+    body = (await post(client, prefix="分开\r\n", max_chars=40, stop=["的"], seed=6)).json()
     by_model = {x["model"]: x for x in body["results"]}
     assert by_model["gru"]["prefix"] == "分开\n" and by_model["rnn"]["prefix"] == "分开 "
     for name, result in by_model.items():
         ck = checkpoints[name]
-        expected = generate(ck.model, ck.vocab, result["prefix"], 40, stop=["的"])[0]
+        expected = alone(ck, result["prefix"], 40, seed=6, stop=["的"])
         assert result["generated"] == expected.generated and "的" not in result["generated"]
 
 
@@ -210,11 +211,11 @@ async def test_each_model_runs_in_its_own_batch_beside_other_requests(app_client
     app, client = app_client
     served = app.state.models.models
     other = app.state.engine.submit(Generation(served["gru"].model, served["gru"].vocab, "手中", 50), stream=False)
-    body = (await post(client, prefix="分开", max_chars=30)).json()
+    body = (await post(client, prefix="分开", max_chars=30, seed=21)).json()
     await other.wait()
     assert set(app.state.engine.schedulers) == {id(ck.model) for ck in served.values()}  # one per model, no more
-    assert body["results"][0]["text"] == alone(checkpoints["gru"], "分开", 30).text
-    assert body["results"][1]["text"] == alone(checkpoints["rnn"], "分开", 30).text
+    assert body["results"][0]["text"] == alone(checkpoints["gru"], "分开", 30, seed=21).text
+    assert body["results"][1]["text"] == alone(checkpoints["rnn"], "分开", 30, seed=21).text
 
 
 async def test_metrics_count_each_models_generation(app_client):

@@ -10,7 +10,7 @@ from api_helpers import assert_error, stream_parts
 from app.settings import Settings
 from model_store.constraints import Constraints, final_of
 from model_store.generate import generate
-from model_store.sampling import SamplingParams
+from model_store.sampling import decoding
 
 pytestmark = pytest.mark.anyio
 
@@ -37,7 +37,7 @@ async def test_a_quatrain_of_sevens_that_rhymes(client, checkpoints):
         assert choice["finish_reason"] == "length"
     assert body["constraints_met"] == body["choices"][0]["constraints_met"]
     ck = checkpoints["gru"]
-    expected = generate(ck.model, ck.vocab, "分开\n", 32, SamplingParams(0.8), seed=5, n=2,
+    expected = generate(ck.model, ck.vocab, "分开\n", 32, decoding(0.8), seed=5, n=2,
                         constraints=Constraints(4, "7-7-7-7", rhyme=True))
     assert [c["generated"] for c in body["choices"]] == [c.generated for c in expected]
 
@@ -91,7 +91,9 @@ async def test_constrained_and_plain_requests_batched_together_each_get_what_the
                                   {"lines": 2, "line_lengths": 4, "rhyme": True, "required": "燕"}][i % 4])
                 for i in range(12)]
     results = {}
-    async with make_client(Settings(model_dir=model_dir, device="cpu", default_model="gru", max_batch=6)) as (_, c):
+    # each request is best_of (8) rows: three fit in a batch, the others queue
+    settings = Settings(model_dir=model_dir, device="cpu", default_model="gru", max_batch=24, max_queue=96)
+    async with make_client(settings) as (_, c):
         async def run(i):
             results[i] = await post(c, **{k: v for k, v in requests[i].items() if v is not None})
         async with anyio.create_task_group() as tg:
@@ -100,7 +102,7 @@ async def test_constrained_and_plain_requests_batched_together_each_get_what_the
     ck = checkpoints["gru"]
     for i, request in enumerate(requests):
         spec = request["constraints"]
-        [alone] = generate(ck.model, ck.vocab, "分开", 40, SamplingParams(0.9), seed=i,
+        [alone] = generate(ck.model, ck.vocab, "分开", 40, decoding(0.9), seed=i,
                            constraints=Constraints(**spec) if spec else None)
         assert results[i]["generated"] == alone.generated and results[i].get("constraints_met") == alone.constraints_met
 

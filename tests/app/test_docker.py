@@ -22,6 +22,7 @@ from api_helpers import free_port, start_server, stop_server, wait_ready
 from app.main import create_app
 from app.settings import Settings
 from model_store.generate import generate
+from model_store.sampling import decoding
 from training.cli import build_parser
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -205,7 +206,7 @@ def test_the_image_entrypoint_serves_requests_in_a_fresh_virtualenv(tmp_path, mo
         assert subprocess.run([str(venv / "bin" / probe[0]), *probe[1:]], env=run_env, timeout=30).returncode == 0
         body = httpx.post(f"{base_url}/generate", json={"prefix": "分开"}, timeout=30).json()
         ck = checkpoints["gru"]
-        assert body["text"] == generate(ck.model, ck.vocab, "分开", 50)[0].text
+        assert body["text"] == generate(ck.model, ck.vocab, "分开", 50, decoding(), seed=body["seed"])[0].text
     finally:
         stop_server(process)
     broken_env = {**run_env, "LYRICS_PORT": str(free_port())}

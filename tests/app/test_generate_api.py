@@ -7,7 +7,7 @@ from api_helpers import assert_error, stream_parts
 
 from app.settings import Settings
 from model_store.generate import generate
-from model_store.sampling import SamplingParams
+from model_store.sampling import LYRIC_DEFAULTS, decoding
 
 pytestmark = pytest.mark.anyio
 
@@ -16,8 +16,8 @@ async def post(client, **body):
     return await client.post("/generate", json=body)
 
 
-async def test_defaults_are_greedy_50_characters_equal_to_model_store(client, checkpoints):
-    r = await post(client, prefix="分开")
+async def test_temperature_zero_is_greedy_50_characters_equal_to_model_store(client, checkpoints):
+    r = await post(client, prefix="分开", temperature=0)
     assert r.status_code == 200, r.text
     body = r.json()
     expected = generate(checkpoints["gru"].model, checkpoints["gru"].vocab, "分开", 50)[0]
@@ -30,13 +30,28 @@ async def test_defaults_are_greedy_50_characters_equal_to_model_store(client, ch
     assert body["unknown_skipped"] == 0 and body["unknown_characters"] == []
 
 
+async def test_omitted_decoding_fields_are_the_lyric_defaults_equal_to_model_store(client, checkpoints):
+    body = (await post(client, prefix="分开", seed=8)).json()
+    ck = checkpoints["gru"]
+    expected = generate(ck.model, ck.vocab, "分开", 50, decoding(), seed=8)[0]
+    assert body["text"] == expected.text and body["seed"] == 8 and len(body["generated"]) == 50
+    assert decoding().temperature == LYRIC_DEFAULTS["temperature"] > 0 and decoding().best_of > 1
+    nulls = dict.fromkeys(["temperature", "top_p", "no_repeat_ngram", "no_blank_runs", "best_of", "best_of_chars"])
+    assert (await post(client, prefix="分开", seed=8, **nulls)).json() == body  # null: as if omitted
+    assert (await post(client, prefix="分开", seed=8, best_of=1)).json()["text"] != body["text"]
+    unseeded = (await post(client, prefix="分开")).json()
+    assert isinstance(unseeded["seed"], int)  # sampled, so a seed is drawn and returned
+    assert unseeded["text"] == generate(ck.model, ck.vocab, "分开", 50, decoding(), seed=unseeded["seed"])[0].text
+
+
 async def test_greedy_is_deterministic(client):
-    a, b = await post(client, prefix="你说", max_chars=30), await post(client, prefix="你说", max_chars=30)
+    a, b = (await post(client, prefix="你说", max_chars=30, temperature=0),
+            await post(client, prefix="你说", max_chars=30, temperature=0))
     assert a.json()["text"] == b.json()["text"]
 
 
 async def test_model_is_chosen_by_name(client, checkpoints):
-    body = (await post(client, prefix="分开", model="rnn", max_chars=20)).json()
+    body = (await post(client, prefix="分开", model="rnn", max_chars=20, temperature=0)).json()
     assert body["model"] == "rnn"
     assert body["text"] == generate(checkpoints["rnn"].model, checkpoints["rnn"].vocab, "分开", 20)[0].text
 
@@ -53,7 +68,7 @@ async def test_model_names_are_never_paths(client, name):
 
 async def test_newlines_become_spaces_for_space_models(client, checkpoints):
     ck = checkpoints["rnn"]
-    body = (await post(client, prefix="分开\n你说\r\n我", model="rnn", max_chars=10)).json()
+    body = (await post(client, prefix="分开\n你说\r\n我", model="rnn", max_chars=10, temperature=0)).json()
     assert body["prefix"] == "分开 你说 我"
     assert body["text"] == generate(ck.model, ck.vocab, "分开 你说 我", 10)[0].text
 
@@ -75,7 +90,7 @@ async def test_seeded_sampling_is_reproducible_and_matches_model_store(client, c
     a, b = (await post(client, **request)).json(), (await post(client, **request)).json()
     assert a == b and a["seed"] == 123
     ck = checkpoints["gru"]
-    assert a["text"] == generate(ck.model, ck.vocab, "分开", 40, SamplingParams(temperature=1.0), seed=123)[0].text
+    assert a["text"] == generate(ck.model, ck.vocab, "分开", 40, decoding(temperature=1.0), seed=123)[0].text
     other = (await post(client, **{**request, "seed": 124})).json()
     assert other["text"] != a["text"]
 
@@ -99,12 +114,14 @@ async def test_n_choices_use_consecutive_seeds(client):
 
 
 async def test_greedy_n_gives_identical_choices(client):
-    body = (await post(client, prefix="分开", n=2, max_chars=10)).json()
+    body = (await post(client, prefix="分开", n=2, max_chars=10, temperature=0)).json()
     assert body["choices"][0]["text"] == body["choices"][1]["text"]
 
 
 async def test_top_k_one_and_tiny_top_p_are_greedy(client):
-    greedy = (await post(client, prefix="分开", max_chars=30)).json()["text"]
+    # greedy with the rules a sampled request gets by default: best_of's candidates are then all alike
+    rules = {k: LYRIC_DEFAULTS[k] for k in ("no_repeat_ngram", "no_blank_runs")}
+    greedy = (await post(client, prefix="分开", max_chars=30, temperature=0, **rules)).json()["text"]
     top_k = (await post(client, prefix="分开", max_chars=30, temperature=1.5, top_k=1, seed=1)).json()["text"]
     top_p = (await post(client, prefix="分开", max_chars=30, temperature=1.5, top_p=1e-6, seed=1)).json()["text"]
     assert top_k == greedy == top_p
@@ -112,23 +129,23 @@ async def test_top_k_one_and_tiny_top_p_are_greedy(client):
 
 async def test_top_k_and_top_p_match_model_store(client, checkpoints):
     ck = checkpoints["gru"]
-    params = SamplingParams(temperature=0.9, top_k=5, top_p=0.8)
+    params = decoding(temperature=0.9, top_k=5, top_p=0.8)
     body = (await post(client, prefix="分开", max_chars=40, temperature=0.9, top_k=5, top_p=0.8, seed=9)).json()
     assert body["text"] == generate(ck.model, ck.vocab, "分开", 40, params, seed=9)[0].text
 
 
 async def test_repetition_penalty_matches_model_store(client, checkpoints):
     ck = checkpoints["gru"]
-    body = (await post(client, prefix="分开", max_chars=40, repetition_penalty=3.0)).json()
-    expected = generate(ck.model, ck.vocab, "分开", 40, SamplingParams(repetition_penalty=3.0))[0].text
+    body = (await post(client, prefix="分开", max_chars=40, temperature=0, repetition_penalty=3.0)).json()
+    expected = generate(ck.model, ck.vocab, "分开", 40, decoding(temperature=0, repetition_penalty=3.0))[0].text
     assert body["text"] == expected
     assert expected != generate(ck.model, ck.vocab, "分开", 40)[0].text
 
 
 async def test_stop_string_ends_the_text_and_is_not_included(client):
-    greedy = (await post(client, prefix="分开", max_chars=50)).json()["generated"]
+    greedy = (await post(client, prefix="分开", max_chars=50, temperature=0)).json()["generated"]
     stop = greedy[5:7]
-    body = (await post(client, prefix="分开", max_chars=50, stop=[stop, "不会出现的"])).json()
+    body = (await post(client, prefix="分开", max_chars=50, temperature=0, stop=[stop, "不会出现的"])).json()
     assert body["finish_reason"] == "stop"
     assert body["generated"] == greedy[: greedy.index(stop)]
     assert stop not in body["generated"]
@@ -142,7 +159,7 @@ async def test_unknown_characters_are_a_422_naming_them(client):
 
 
 async def test_unknown_skip_drops_and_reports_them(client, checkpoints):
-    body = (await post(client, prefix="x分y开x", unknown="skip", max_chars=10)).json()
+    body = (await post(client, prefix="x分y开x", unknown="skip", max_chars=10, temperature=0)).json()
     assert body["prefix"] == "分开" and body["unknown_skipped"] == 3 and body["unknown_characters"] == ["x", "y"]
     ck = checkpoints["gru"]
     assert body["text"] == generate(ck.model, ck.vocab, "分开", 10)[0].text
@@ -165,9 +182,10 @@ async def test_missing_prefix_is_422(client):
 
 @pytest.mark.parametrize("field,value", [
     ("max_chars", -1), ("max_chars", 1.5), ("max_chars", "many"), ("max_chars", 10**30),
-    ("temperature", -0.1), ("temperature", 100.5), ("temperature", "hot"), ("temperature", None),
+    ("temperature", -0.1), ("temperature", 100.5), ("temperature", "hot"),
     ("top_k", -1), ("top_k", 10**7), ("top_p", 0), ("top_p", 1.01), ("top_p", -1),
-    ("repetition_penalty", 0), ("repetition_penalty", 101), ("n", 0), ("n", -3), ("n", 10**9),
+    ("repetition_penalty", 0), ("repetition_penalty", 101), ("best_of", 0), ("best_of", 65), ("best_of_chars", 0),
+    ("no_blank_runs", "often"), ("n", 0), ("n", -3), ("n", 10**9),
     ("seed", -1), ("seed", 2**60), ("seed", 1.5), ("seed", "abc"), ("stream", "maybe"), ("stream", [1]),
     ("unknown", "ignore"), ("model", 5), ("model", "m" * 201), ("stop", "\n"), ("stop", [1]), ("stop", [None]),
     ("prefix", 5), ("prefix", None), ("prefix", ["分"]), ("prefix", {"a": 1}), ("stop", ["x" * 10_001]),
@@ -190,20 +208,21 @@ async def test_nan_and_infinity_are_422(client, field, value):
 
 async def test_configurable_limits(make_client, model_dir):
     settings = Settings(model_dir=model_dir, device="cpu", max_prefix_chars=4, max_new_chars=10, max_n=2,
-                        max_stop=1, max_stop_chars=3)
+                        max_stop=1, max_stop_chars=3, max_best_of=2)
     async with make_client(settings) as (_, client):
-        assert (await post(client, prefix="分开的爱", max_chars=10, n=2, stop=["abc"])).status_code == 200
+        assert (await post(client, prefix="分开的爱", max_chars=10, n=2, stop=["abc"], best_of=2)).status_code == 200
         assert len((await post(client, prefix="分开")).json()["generated"]) == 10  # the default 50, lowered
         for field, value in [("prefix", "分开的爱我"), ("max_chars", 11), ("n", 3), ("stop", ["a", "b"]),
-                             ("stop", ["abcd"])]:
+                             ("stop", ["abcd"]),
+                             ("best_of", 3)]:
             r = await post(client, **{"prefix": "分开", "max_chars": 5, field: value})
             error = assert_error(r, 422, "limit_exceeded")
             assert error["details"][0]["loc"] == ["body", field]
 
 
 async def test_stream_sends_chunks_then_final_then_done(client):
-    plain = (await post(client, prefix="分开", max_chars=30)).json()
-    r = await post(client, prefix="分开", max_chars=30, stream=True)
+    plain = (await post(client, prefix="分开", max_chars=30, seed=4)).json()  # best_of candidates, streamed
+    r = await post(client, prefix="分开", max_chars=30, seed=4, stream=True)
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
     chunks, final, events = stream_parts(r.text)
     assert chunks == {0: plain["generated"]}
@@ -259,11 +278,12 @@ async def test_busy_engine_answers_503_with_retry_after(make_client, model_dir, 
 
 async def test_no_repeat_ngram_matches_model_store_and_never_repeats_an_ngram(client, checkpoints):
     ck = checkpoints["gru"]
-    body = (await post(client, prefix="分开", max_chars=120, no_repeat_ngram=3)).json()
-    assert body["text"] == generate(ck.model, ck.vocab, "分开", 120, SamplingParams(no_repeat_ngram=3))[0].text
+    body = (await post(client, prefix="分开", max_chars=120, temperature=0, no_repeat_ngram=3)).json()
+    expected = generate(ck.model, ck.vocab, "分开", 120, decoding(temperature=0, no_repeat_ngram=3))[0].text
+    assert body["text"] == expected
     grams = [body["text"][i:i + 3] for i in range(len(body["text"]) - 2)]
     assert len(grams) == len(set(grams))
-    looping = (await post(client, prefix="分开", max_chars=120)).json()["text"]
+    looping = (await post(client, prefix="分开", max_chars=120, temperature=0)).json()["text"]
     assert len({looping[i:i + 3] for i in range(len(looping) - 2)}) < len(looping) - 2
 
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import pytest
 from api_helpers import assert_error, metric
 
 from app.main import create_app
 from app.settings import Settings
+from model_store.sampling import LYRIC_DEFAULTS
 
 pytestmark = pytest.mark.anyio
 
@@ -93,15 +96,20 @@ async def test_docs_and_openapi_document_every_field_with_defaults(client):
     schema = spec["components"]["schemas"]["GenerateRequest"]
     props = schema["properties"]
     assert set(props) == {"prefix", "model", "max_chars", "temperature", "top_k", "top_p", "repetition_penalty",
-                          "no_repeat_ngram", "stop", "seed", "n", "stream", "unknown", "return_state", "state",
-                          "constraints"}
-    defaults = {"max_chars": 50, "temperature": 0.0, "top_k": 0, "top_p": 1.0, "repetition_penalty": 1.0,
-                "no_repeat_ngram": 0, "stop": [], "seed": None, "n": 1, "stream": False, "unknown": "error",
-                "return_state": False}
+                          "no_repeat_ngram", "no_blank_runs", "best_of", "best_of_chars", "stop", "seed", "n", "stream",
+                          "unknown", "return_state", "state", "constraints"}
+    defaults = {"max_chars": 50, "top_k": 0, "repetition_penalty": 1.0, "stop": [], "seed": None, "n": 1,
+                "stream": False, "unknown": "error", "return_state": False, **dict.fromkeys(LYRIC_DEFAULTS)}
     assert {k: props[k].get("default") for k in defaults} == defaults  # null defaults are left out
     assert all(props[k].get("description") for k in props), "every field is described"
+    # the decoding fields default to null ("not given"): their descriptions say what omitted means
+    for field, value in LYRIC_DEFAULTS.items():
+        assert f"omitted: {json.dumps(value)}" in props[field]["description"].lower(), field
+    for field, off in {"top_p": "1", "no_repeat_ngram": "0", "no_blank_runs": "false", "best_of": "1"}.items():
+        assert f"{off} when greedy" in props[field]["description"], field
     assert schema["examples"][0] == {"prefix": "分开"}
-    assert props["top_p"]["exclusiveMinimum"] == 0 and props["temperature"]["maximum"] == 100
+    ranges = {k: next(a for a in props[k]["anyOf"] if a["type"] != "null") for k in ("top_p", "temperature")}
+    assert ranges["top_p"]["exclusiveMinimum"] == 0 and ranges["temperature"]["maximum"] == 100
     generate = spec["paths"]["/generate"]["post"]
     assert "text/event-stream" in generate["responses"]["200"]["content"]
     assert "data: [DONE]" in generate["description"]

@@ -26,7 +26,7 @@ from api_helpers import (
 
 from model_store.generate import generate
 from model_store.registry import BUNDLED_DIR, checkpoint_paths
-from model_store.sampling import SamplingParams
+from model_store.sampling import decoding
 from model_store.scoring import score_text
 
 
@@ -46,7 +46,7 @@ def http(server):
 
 
 def test_generate_greedy_equals_model_store(http, checkpoints):
-    body = http.post("/generate", json={"prefix": "分开"}).json()
+    body = http.post("/generate", json={"prefix": "分开", "temperature": 0}).json()
     ck = checkpoints["gru"]
     assert body["text"] == generate(ck.model, ck.vocab, "分开", 50)[0].text
     assert body["finish_reason"] == "length" and body["usage"] == {"prompt_chars": 2, "generated_chars": 50}
@@ -57,7 +57,7 @@ def test_sampled_with_seed_is_reproducible_and_n_gives_choices(http, checkpoints
     a, b = http.post("/generate", json=request).json(), http.post("/generate", json=request).json()
     assert a == b and len(a["choices"]) == 3 and [c["seed"] for c in a["choices"]] == [42, 43, 44]
     ck = checkpoints["gru"]
-    expected = generate(ck.model, ck.vocab, "你说", 30, SamplingParams(temperature=0.9, top_k=10), seed=42, n=3)
+    expected = generate(ck.model, ck.vocab, "你说", 30, decoding(temperature=0.9, top_k=10), seed=42, n=3)
     assert [c["text"] for c in a["choices"]] == [c.text for c in expected]
 
 
@@ -90,7 +90,8 @@ def test_a_disconnected_stream_stops_its_generation(http):
     with http.stream("POST", "/generate", json=request) as r:
         lines = r.iter_lines()
         assert next(line for line in lines if line.startswith("data:"))
-        assert metric(http.get("/metrics").text, "lyrics_inflight_sequences") == 4
+        # every continuation is best_of candidate sequences
+        assert metric(http.get("/metrics").text, "lyrics_inflight_sequences") == 4 * decoding(1.0).best_of
     # leaving the block closes the connection mid-stream: the server must stop generating
     deadline = time.monotonic() + 10
     while True:

@@ -1,5 +1,6 @@
 """A mixture model served like any other: /models describes it, /generate and /perplexity give exactly
-what model_store gives for it, and concurrent batched requests change nothing."""
+what model_store gives for it (generation from its recurrent model alone, scoring from the whole mixture),
+and concurrent batched requests change nothing."""
 
 import asyncio
 import shutil
@@ -12,7 +13,7 @@ from model_store.checkpoint import save_checkpoint
 from model_store.generate import generate
 from model_store.mixture import MixtureConfig, MixtureLM
 from model_store.ngram import KneserNey
-from model_store.sampling import SamplingParams
+from model_store.sampling import decoding
 from model_store.scoring import score_text
 
 pytestmark = pytest.mark.anyio
@@ -64,5 +65,7 @@ async def test_concurrent_generations_from_the_mixture_equal_each_alone(mix_clie
     for request, answer in zip(requests, answers, strict=True):
         assert answer.status_code == 200, answer.text
         alone = generate(ck.model, ck.vocab, request["prefix"], request["max_chars"],
-                         SamplingParams(temperature=request["temperature"]), seed=7)[0]
+                         decoding(temperature=request["temperature"]), seed=7)[0]
         assert answer.json()["text"] == alone.text
+        recurrent = (await mix_client.post("/generate", json={**request, "model": "gru"})).json()
+        assert answer.json()["text"] == recurrent["text"]  # the mixture's recurrent model, without the cache

@@ -100,7 +100,8 @@ def test_sigterm_finishes_streams_in_flight_refuses_new_requests_and_exits_0(sma
     first_chunk = [threading.Event() for _ in range(STREAMS)]
 
     def stream(i: int) -> None:
-        request = {"prefix": "分开", "max_chars": MAX_CHARS, "temperature": 1.0, "seed": i, "stream": True}
+        # one row per stream (best_of 1): the drain timings above are sized for three rows
+        request = {"prefix": "分开", "max_chars": MAX_CHARS, "temperature": 1.0, "seed": i, "stream": True, "best_of": 1}
         try:
             with httpx.Client(base_url=base_url, timeout=60) as client, \
                     client.stream("POST", "/generate", json=request) as response:

@@ -9,6 +9,7 @@ from model_store.checkpoint import CheckpointError, load_checkpoint, save_checkp
 from model_store.generate import generate
 from model_store.mixture import HistoryCache, MixtureConfig, MixtureLM
 from model_store.ngram import KneserNey
+from model_store.sampling import SamplingParams, decoding
 from model_store.scoring import score_text
 from model_store.vocab import Vocabulary
 
@@ -80,11 +81,19 @@ def test_the_mixture_beats_its_recurrent_model_on_repetitive_text(mixture):
     assert score_text(mixture, VOCAB, repeated).perplexity < 0.5 * score_text(mixture.rnn, VOCAB, repeated).perplexity
 
 
-def test_generation_runs_on_the_mixture_and_greedy_is_its_argmax(mixture):
-    text = generate(mixture, VOCAB, "abc d", 6)[0].text
-    assert text.startswith("abc d") and len(text) == 11
-    for i in range(5, 11):
-        assert VOCAB.encode(text[i])[0] == log_probs(mixture, text[:i])[-1].argmax().item()
+def test_generation_runs_on_the_recurrent_model_alone_while_scoring_uses_the_mixture(mixture):
+    """A cache of the text being written feeds on the model's own output: generation leaves it (and the
+    n-gram) out, greedy and sampled, while scoring keeps the whole mixture."""
+    text = generate(mixture, VOCAB, "abc d", 30)[0].text
+    assert text.startswith("abc d") and len(text) == 35
+    assert text == generate(mixture.rnn, VOCAB, "abc d", 30)[0].text
+    greedy = [VOCAB.encode(text[i])[0] for i in range(5, 35)]
+    assert greedy == [log_probs(mixture.rnn, text[:i])[-1].argmax().item() for i in range(5, 35)]
+    assert greedy != [log_probs(mixture, text[:i])[-1].argmax().item() for i in range(5, 35)]  # not the mixture's
+    for params in (SamplingParams(temperature=1.0), decoding(best_of=3)):
+        assert generate(mixture, VOCAB, "abc d", 30, params, seed=4) == generate(mixture.rnn, VOCAB, "abc d", 30,
+                                                                                 params, seed=4)
+    assert score_text(mixture, VOCAB, text).perplexity != pytest.approx(score_text(mixture.rnn, VOCAB, text).perplexity)
 
 
 def test_checkpoint_round_trip_keeps_weights_ngram_and_cache_settings(mixture, tmp_path):

@@ -13,7 +13,7 @@ import pytest
 from model_store.checkpoint import read_metadata, save_checkpoint
 from model_store.constraints import Constraints
 from model_store.generate import generate
-from model_store.sampling import SamplingParams
+from model_store.sampling import decoding
 from model_store.scoring import score_text
 from training.cli import build_parser, main
 
@@ -95,7 +95,7 @@ def test_resume_without_a_state_exits_2(capsys, tmp_path, corpus_file):
 
 def test_generate_json_prints_one_object_with_the_completion(capsys, model_dir, trained):
     code, out, err = run_cli(capsys, "generate", "--dir", str(model_dir), "--model", "rnn", "--prefix", "分开",
-                             "--max-chars", "20", "--json")
+                             "--max-chars", "20", "--temperature", "0", "--json")
     assert code == 0, err
     body = json.loads(out)  # exactly one JSON document
     assert out.count("\n") == 1
@@ -109,13 +109,27 @@ def test_generate_json_prints_one_object_with_the_completion(capsys, model_dir, 
     assert body["usage"] == {"prompt_chars": 2, "generated_chars": 20}
 
 
+def test_generate_without_decoding_options_samples_with_the_lyric_defaults(capsys, model_dir, trained):
+    code, out, err = run_cli(capsys, "generate", "--dir", str(model_dir), "--model", "rnn", "--prefix", "分开",
+                             "--max-chars", "40", "--seed", "5", "--json")
+    assert code == 0, err
+    expected = generate(trained.model, trained.vocab, "分开", 40, decoding(), seed=5)[0]
+    assert json.loads(out)["generated"] == expected.generated
+    code, out, err = run_cli(capsys, "generate", "--dir", str(model_dir), "--model", "rnn", "--prefix", "分开",
+                             "--max-chars", "40", "--seed", "5", "--best-of", "2", "--best-of-chars", "3",
+                             "--no-no-blank-runs", "--no-repeat-ngram", "0", "--json")
+    assert code == 0, err
+    params = decoding(best_of=2, best_of_chars=3, no_blank_runs=False, no_repeat_ngram=0)
+    assert json.loads(out)["generated"] == generate(trained.model, trained.vocab, "分开", 40, params, seed=5)[0].generated
+
+
 def test_generate_json_with_sampling_stop_and_n(capsys, model_dir, trained):
     code, out, _ = run_cli(capsys, "generate", "--dir", str(model_dir), "--model", "rnn", "--prefix", "la",
                            "--max-chars", "30", "--temperature", "0.9", "--top-k", "5", "--top-p", "0.95",
                            "--repetition-penalty", "1.1", "--seed", "11", "-n", "3", "--stop", "\n", "--json")
     assert code == 0
     body = json.loads(out)
-    params = SamplingParams(temperature=0.9, top_k=5, top_p=0.95, repetition_penalty=1.1)
+    params = decoding(temperature=0.9, top_k=5, top_p=0.95, repetition_penalty=1.1)
     expected = generate(trained.model, trained.vocab, "la", 30, params, ["\n"], seed=11, n=3)
     assert [c["generated"] for c in body["choices"]] == [c.generated for c in expected]
     assert [c["seed"] for c in body["choices"]] == [11, 12, 13]
@@ -343,7 +357,7 @@ def test_generate_with_structure_constraints(capsys, model_dir, trained):
     assert [len(line) for line in lines] == [4, 6, 4, 0] and "的" not in body["generated"]
     assert body["constraints_met"] == {"lines": True, "line_lengths": True, "banned": True, "rhyme": True}
     constraints = Constraints(3, "4-6-4", "的", rhyme=True)
-    expected = generate(trained.model, trained.vocab, "我", 100, SamplingParams(1.0), seed=3, constraints=constraints)
+    expected = generate(trained.model, trained.vocab, "我", 100, decoding(1.0), seed=3, constraints=constraints)
     assert body["choices"][0]["generated"] == expected[0].generated
 
 
