@@ -43,7 +43,9 @@ from model_store.kernels import argmax  # noqa: E402
 from training.train import TrainConfig, train  # noqa: E402
 
 PREFIXES = ["分开", "不分开", "你说", "手中的铅笔", "窗外的麻雀", "我用几行字", "天青色等烟雨", "故事的小黄花"]
-MODES = {"greedy": {}, "sampled": {"temperature": 0.8, "top_p": 0.9}}
+# every field explicit: the service's defaults (sampled, best of 8) are not what the baseline server does
+MODES = {"greedy": {"temperature": 0},
+         "sampled": {"temperature": 0.8, "top_p": 0.9, "no_repeat_ngram": 0, "no_blank_runs": False, "best_of": 1}}
 
 
 def free_port() -> int:
