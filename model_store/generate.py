@@ -196,7 +196,8 @@ class Batch:
 
     def __init__(self, model: CharLM, vocab: Vocabulary):
         self.model, self.vocab = for_generation(model), vocab
-        self.blanks = torch.tensor([c.isspace() for c in vocab.idx_to_char], dtype=torch.bool)
+        self.blanks = torch.tensor([c.isspace() for c in vocab.idx_to_char], dtype=torch.bool,
+                                   device=self.model.dense.weight.device)  # for no_blank_runs
         self.rows: list[Row] = []
         self.logits: torch.Tensor | None = None
         self.state: State | None = None
@@ -263,7 +264,7 @@ class Batch:
         for i, lp in zip(grouped, log_probs.gather(1, chosen.index_select(0, index)[:, None])[:, 0].tolist(),
                          strict=True):
             rows[i].loglik += lp
-        position = {id(r): i for i, r in enumerate(rows)}
+        position: dict[int, int] = {}  # row -> index, made when a group is first due
         shown: dict[int, str] = {}
         targets, sources = [], []
         for group in {id(rows[i].group): rows[i].group for i in grouped}.values():
@@ -271,6 +272,7 @@ class Batch:
             if group.steps < group.every and not any(r.finish for r in group.rows):
                 continue
             group.steps = 0
+            position = position or {id(r): i for i, r in enumerate(rows)}
             lead = group.lead = max(group.rows, key=lambda r: r.loglik)  # ties: the first
             for row in group.rows:
                 row.loglik = 0.0

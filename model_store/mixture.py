@@ -152,6 +152,11 @@ class MixtureLM(nn.Module):
         history = torch.full((1, batch_size, self.mixture.cache_window), -1, dtype=torch.int32, device=device)
         return (*self.split(rnn_state), history)
 
+    def parts(self, state) -> tuple:
+        """(the recurrent model's state, the history window) of a mixture state."""
+        *rnn_state, history = state
+        return (tuple(rnn_state) if self.config.cell == "lstm" else rnn_state[0]), history
+
     @staticmethod
     def split(state) -> tuple[torch.Tensor, ...]:
         return state if isinstance(state, tuple) else (state,)
@@ -159,8 +164,8 @@ class MixtureLM(nn.Module):
     def step(self, ids: torch.Tensor, state) -> tuple[torch.Tensor, tuple]:
         """One generation step, as CharLM.step: ids (batch,) -> log-probabilities (batch, vocab), state."""
         if self.rnn_only:  # the recurrent model's own (packed) step; the history moves on by one character
-            *rnn_state, history = state
-            logits, rnn_state = self.rnn.step(ids, tuple(rnn_state) if self.config.cell == "lstm" else rnn_state[0])
+            rnn_state, history = self.parts(state)
+            logits, rnn_state = self.rnn.step(ids, rnn_state)
             history = torch.cat([history[:, :, 1:], ids.to(history.dtype)[None, :, None]], dim=2)
             return torch.log_softmax(logits.float(), dim=-1), (*self.split(rnn_state), history)
         log_probs, state = self(ids[:, None], state)
@@ -169,8 +174,8 @@ class MixtureLM(nn.Module):
     def forward(self, inputs: torch.Tensor, state=None, last_only: bool = False) -> tuple[torch.Tensor, tuple]:
         if self.rnn_only:  # the history is still kept, so states (and state handles) keep one layout
             state = self.init_state(inputs.shape[0], inputs.device) if state is None else state
-            *rnn_state, history = state
-            logits, rnn_state = self.rnn(inputs, tuple(rnn_state) if self.config.cell == "lstm" else rnn_state[0])
+            rnn_state, history = self.parts(state)
+            logits, rnn_state = self.rnn(inputs, rnn_state)
             text = torch.cat([history[0], inputs.to(history.dtype)], dim=1)[:, -history.shape[2]:]
             logits = logits[:, -1:] if last_only else logits
             return torch.log_softmax(logits.float(), dim=-1), (*self.split(rnn_state), text[None].contiguous())
@@ -197,8 +202,7 @@ class MixtureLM(nn.Module):
         one) distributions at every step (`last_only`: at the last), and the cache bucket."""
         if state is None:
             state = self.init_state(inputs.shape[0], inputs.device)
-        *rnn_state, history = state
-        rnn_state = tuple(rnn_state) if self.config.cell == "lstm" else rnn_state[0]
+        rnn_state, history = self.parts(state)
         logits, rnn_state = self.rnn(inputs, rnn_state)  # all steps: exactly what scoring the text gives
         window = history.shape[2]
         text = torch.cat([history[0, :, 1:], inputs.to(history.dtype)], dim=1)  # step t reads text[:, t:t + window]

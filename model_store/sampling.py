@@ -262,7 +262,7 @@ class NgramBlocker:
 
 def block_repeats(logits: torch.Tensor, rows: Sequence, blanks: torch.Tensor | None = None) -> torch.Tensor:
     """Rule out, per row (generate.Row), the characters its `no_repeat_ngram` bans and, with
-    `no_blank_runs` after a blank, the blanks (`blanks`: (vocab,) bool). Other rows are untouched;
+    `no_blank_runs` after a blank, the blanks (`blanks`: (vocab,) bool, on the logits' device). Other rows are untouched;
     a row whose every allowed character would be ruled out (a constraint forcing one) keeps them."""
     banned = [(i, sorted(r.ngrams.banned()) if r.ngrams is not None else [],
                r.after_blank and r.params.no_blank_runs and blanks is not None) for i, r in enumerate(rows)]
@@ -273,7 +273,7 @@ def block_repeats(logits: torch.Tensor, rows: Sequence, blanks: torch.Tensor | N
     for i, ids, blank in banned:
         blocked[i, ids] = float("-inf")
         if blank:
-            blocked[i, blanks.to(logits.device)] = float("-inf")
+            blocked[i, blanks] = float("-inf")
         if bool(torch.isinf(blocked[i]).all()):  # a constraint allows only banned characters: it wins
             blocked[i] = logits[i]
     return blocked
