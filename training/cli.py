@@ -26,6 +26,8 @@ from model_store.vocab import UnknownCharactersError, normalise_newlines
 from training import distributed
 from training.corpus import CorpusError
 from training.mix import MixConfig, mix
+from training.poetry import PARTS as POETRY_PARTS
+from training.poetry import build as build_poetry_corpus
 from training.train import DEFAULT_LR, RECIPE, TrainConfig, train
 
 
@@ -108,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="use only the first N characters (the tutorial uses 10000)")
     t.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     t.add_argument("--seed", type=int, default=0, help="random seed (runs on CPU are reproducible)")
+    t.add_argument("--init-from", default=None, metavar="CHECKPOINT",
+                   help="start from this checkpoint's weights (same cell and sizes; characters matched by character, "
+                        "so it may have another vocabulary): fine-tune a model pretrained with lyrics poetry-corpus")
     t.add_argument("--resume", action="store_true", help="continue from NAME.resume beside --out")
     t.add_argument("--eval-every", type=positive_int, default=1, help="epochs between validation runs")
     t.add_argument("--sample-every", type=non_negative_int, default=10, help="epochs between sample lines (0: never)")
@@ -132,6 +137,21 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--cache-window", type=positive_int, default=2048, help="characters of text the cache keeps")
     x.add_argument("--no-ngram", dest="ngram", action="store_false",
                    help="no n-gram: the recurrent model and the cache of the text alone")
+
+    c = sub.add_parser("poetry-corpus", help="pretraining text from the npm package chinese-poetry",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       description="Read the archive of `npm pack chinese-poetry@2.0.1` (Song ci and Yuan qu) and "
+                                   "write a text laid out like the lyric corpus, keeping the lines made of the "
+                                   "lyric corpus's training characters and the most frequent others. OUT.source.json "
+                                   "records how; lyrics train copies it into the checkpoint.")
+    c.add_argument("--package", required=True, help="chinese-poetry-2.0.1.tgz, from npm pack")
+    c.add_argument("--out", required=True, help="text file to write")
+    c.add_argument("--vocab-from", required=True, help="the lyric corpus (only its training part is read)")
+    c.add_argument("--val-frac", type=float, default=0.1, help="the lyric corpus's validation fraction")
+    c.add_argument("--extra-chars", type=non_negative_int, default=1000,
+                   help="characters outside the lyric corpus that lines may also use, the most frequent first")
+    c.add_argument("--parts", nargs="+", default=sorted(POETRY_PARTS), choices=sorted(POETRY_PARTS),
+                   help="which collections to read")
 
     g = sub.add_parser("generate", help="continue a prefix", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_model_args(g)
@@ -236,6 +256,14 @@ def cmd_mix(args) -> int:
     summary = mix(MixConfig(**options, command="lyrics " + shlex.join(args.argv)))
     ppl = summary.get("val_perplexity")
     print(f"done: mixture {args.out}, validation perplexity {ppl:.2f}" if ppl else f"done: mixture {args.out}")
+    return 0
+
+
+def cmd_poetry_corpus(args) -> int:
+    record = build_poetry_corpus(args.package, args.out, args.vocab_from, args.extra_chars, args.parts,
+                                 args.val_frac, command="lyrics " + shlex.join(args.argv))
+    print(f"done: {args.out}, {record['lines_kept']:,} of {record['lines_read']:,} lines, {record['chars']:,} "
+          f"characters, {record['distinct_chars']:,} distinct")
     return 0
 
 
@@ -387,7 +415,7 @@ def read_text(path: str) -> str:
 
 
 COMMANDS = {"train": cmd_train, "generate": cmd_generate, "perplexity": cmd_perplexity, "models": cmd_models,
-            "serve": cmd_serve, "mix": cmd_mix}
+            "serve": cmd_serve, "mix": cmd_mix, "poetry-corpus": cmd_poetry_corpus}
 
 
 def main(argv: list[str] | None = None) -> int:

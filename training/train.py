@@ -30,13 +30,15 @@ import torch
 from tqdm import tqdm
 
 from model_store import kernels
-from model_store.checkpoint import finite_or_none, save_checkpoint
+from model_store.checkpoint import finite_or_none, load_checkpoint, read_metadata, save_checkpoint
 from model_store.generate import generate
 from model_store.model import CharLM, ModelConfig
 from model_store.scoring import score_ids
+from model_store.vocab import Vocabulary
 from training import distributed
 from training.batches import data_iter_consecutive, data_iter_random, num_batches
 from training.corpus import Corpus, CorpusError, load_corpus
+from training.poetry import source_record
 from training.run_files import (
     append_metrics,
     load_resume_state,
@@ -92,6 +94,7 @@ class TrainConfig:
     max_chars: int | None = None
     device: str = "auto"
     seed: int = 0
+    init_from: str | None = None  # a checkpoint whose weights start this run (fine-tuning a pretrained model)
     resume: bool = False
     eval_every: int = 1
     sample_every: int = 10
@@ -164,6 +167,40 @@ def setup(cfg: TrainConfig, corpus: Corpus, device: torch.device) -> tuple[CharL
     model.to(device)
     keep_freed_memory()
     return model, make_optimizer(cfg, model), rng
+
+
+# weights with a vocabulary-sized dimension, and which one (the one-hot W_xh's columns are characters)
+VOCAB_DIMS = {"embedding.weight": 0, "dense.weight": 0, "dense.bias": 0}
+
+
+@torch.no_grad()
+def initialise_from(model: CharLM, vocab: Vocabulary, path: str) -> dict:
+    """Start `model` from a trained checkpoint of the same architecture. The recurrent weights are
+    copied; each character's rows (embedding, output layer) are copied by character, so the
+    vocabularies may differ: a character the checkpoint lacks keeps its fresh initialisation and a
+    character of the checkpoint this corpus lacks is dropped (pretraining on a larger text, then
+    fine-tuning with the corpus's own, smaller, output layer). Returns what was shared."""
+    source = load_checkpoint(path)
+    if not isinstance(source.model, CharLM):
+        raise ValueError(f"--init-from {path} is a mixture: give the recurrent model it was built from")
+    fields = ("cell", "hidden_size", "num_layers", "embed_size", "tie_weights")
+    differ = [f"{f} {getattr(source.config, f)!r} (this run: {getattr(model.config, f)!r})" for f in fields
+              if getattr(source.config, f) != getattr(model.config, f)]
+    if differ:
+        raise ValueError(f"--init-from {path} has another architecture: " + ", ".join(differ))
+    pairs = [(i, source.vocab.char_to_idx[c]) for i, c in enumerate(vocab.idx_to_char) if c in source.vocab]
+    if not pairs:
+        raise ValueError(f"--init-from {path} shares no character with this corpus")
+    device = model.dense.weight.device
+    mine, theirs = (torch.tensor(p, device=device) for p in zip(*pairs, strict=True))
+    dims = dict(VOCAB_DIMS, **({"rnn.weight_ih_l0": 1} if not model.config.embed_size else {}))
+    weights = source.model.state_dict()
+    for name, tensor in model.state_dict().items():
+        if name in dims:
+            tensor.index_copy_(dims[name], mine, weights[name].to(device).index_select(dims[name], theirs))
+        else:
+            tensor.copy_(weights[name])
+    return {"path": str(path), "chars_shared": len(pairs), "chars_new": len(vocab) - len(pairs)}
 
 
 def keep_freed_memory() -> None:
@@ -277,6 +314,10 @@ def train(cfg: TrainConfig, log=None) -> TrainResult:
     model, optimizer, rng = setup(cfg, corpus, device)
     config = model.config
     start_epoch, best_val, best_epoch, history, seconds = 0, None, 0, [], 0.0
+    if cfg.init_from and not cfg.resume:
+        shared = initialise_from(model, corpus.vocab, cfg.init_from)
+        log(f"starting from {cfg.init_from}: {shared['chars_shared']:,} characters shared, "
+            f"{shared['chars_new']:,} new to it")
     if cfg.resume:
         start_epoch, best_val, best_epoch, seconds = load_resume_state(paths["resume"], model, optimizer, rng,
                                                                        cfg, corpus, device)
@@ -373,4 +414,7 @@ def training_summary(cfg: TrainConfig, corpus: Corpus, history: list[dict], best
         "torch_version": torch.__version__,
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "options": options,
+        # where the text came from (lyrics poetry-corpus) and the run this one started from: the whole recipe
+        **({"corpus_source": source} if (source := source_record(cfg.corpus)) else {}),
+        **({"init_from": read_metadata(cfg.init_from).get("training", {})} if cfg.init_from else {}),
     }
