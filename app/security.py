@@ -46,8 +46,8 @@ def presented_key(headers: dict[bytes, bytes], api_key_header: bool = True) -> s
     return key or None
 
 
-def unauthorized(message: str):
-    return error_response(401, "unauthorized", message, headers={"WWW-Authenticate": "Bearer"})
+def unauthorized(message: str, path: str = ""):
+    return error_response(401, "unauthorized", message, headers={"WWW-Authenticate": "Bearer"}, path=path)
 
 
 class ApiKeys:
@@ -55,14 +55,16 @@ class ApiKeys:
         self.app, self.keys = app, keys
 
     async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":  # lifespan has no path: reading one first kept a keyed server from starting
+            return await self.app(scope, receive, send)
         path = scope["path"]
-        if scope["type"] != "http" or path in PUBLIC_PATHS or path.startswith((ADMIN_PREFIX, DOCS_STATIC + "/")):
+        if path in PUBLIC_PATHS or path.startswith((ADMIN_PREFIX, DOCS_STATIC + "/")):
             return await self.app(scope, receive, send)
         key = presented_key(dict(scope["headers"]))
         if not matches(key, self.keys):
             message = ("a valid API key is required: send 'Authorization: Bearer KEY' or 'X-API-Key: KEY'"
                        if key is None else "the API key is not valid")
-            return await unauthorized(message)(scope, receive, send)
+            return await unauthorized(message, path)(scope, receive, send)
         await self.app(scope, receive, send)
 
 
