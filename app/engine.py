@@ -199,7 +199,7 @@ class Scheduler:
         for row, text in produced:
             job = row.owner
             if text and job.stream:
-                posts[job.loop].append((job.queue, Delta(row.index, text)))
+                posts[job.loop].append((job.queue, row.delta(text)))
         for job in {row.owner for row, _ in produced if row.finish}:
             if job in self.active and all(r.finish for r in job.rows):
                 self.end(job, "completed", posts)

@@ -5,6 +5,13 @@
 `details` is present for request problems tied to fields: a list of {"loc", "msg", "type"}
 (plus "characters" for unknown characters). A 500 says only that the server failed; the
 trace goes to the log, never to the client.
+
+Under /v1/ (the OpenAI-compatible API) the same errors take that ecosystem's shape,
+
+    {"error": {"message": "...", "type": "invalid_request_error", "param": "max_tokens", "code": "limit_exceeded"}}
+
+with `code` our `type`, `param` the first invalid field, a field problem answered 400 (its
+clients expect it) and a full queue 429 with Retry-After.
 """
 
 from __future__ import annotations
@@ -41,8 +48,30 @@ def error_body(type: str, message: str, details: list[dict] | None = None) -> di
 
 
 def error_response(status: int, type: str, message: str, details: list[dict] | None = None,
-                   headers: dict[str, str] | None = None) -> JSONResponse:
+                   headers: dict[str, str] | None = None, path: str = "") -> JSONResponse:
+    """The error answer; `path` (the request's) picks the OpenAI shape under /v1/."""
+    if path.startswith(OPENAI_PREFIX):
+        status, body = openai_error(status, type, message, details)
+        return JSONResponse(body, status_code=status, headers=headers)
     return JSONResponse(error_body(type, message, details), status_code=status, headers=headers)
+
+
+OPENAI_PREFIX = "/v1/"
+OPENAI_KINDS = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
+                429: "rate_limit_error"}
+
+
+def openai_error(status: int, type: str, message: str, details: list[dict] | None = None) -> tuple[int, dict]:
+    """(status, body) of an error under /v1/: field problems are 400, a full queue 429."""
+    if status == 422:
+        status = 400
+    elif status == 503 and type == "busy":
+        status = 429
+    kind = OPENAI_KINDS.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    param = None
+    if details:
+        param = ".".join(str(p) for p in details[0]["loc"] if p != "body") or None
+    return status, {"error": {"message": message, "type": kind, "param": param, "code": type}}
 
 
 def field_error(loc: list, msg: str, type: str = "value_error", **extra) -> dict:
@@ -84,14 +113,16 @@ async def on_validation_error(request: Request, exc: RequestValidationError) -> 
     details = clean_validation_errors(list(exc.errors()))
     if request.headers.get("content-type") and not is_json(request) and any(d["loc"] == ["body"] for d in details):
         return error_response(415, "unsupported_media_type",
-                              "send the request body as JSON with the header 'Content-Type: application/json'")
+                              "send the request body as JSON with the header 'Content-Type: application/json'",
+                              path=request.url.path)
     if any(d["loc"] == ["body"] and d["type"] == "missing" for d in details):
-        return error_response(422, "validation_error", "a JSON object body is required", details)
-    return error_response(422, "validation_error", summary(details), details)
+        return error_response(422, "validation_error", "a JSON object body is required", details,
+                              path=request.url.path)
+    return error_response(422, "validation_error", summary(details), details, path=request.url.path)
 
 
 async def on_api_error(request: Request, exc: ApiError) -> JSONResponse:
-    return error_response(exc.status, exc.type, exc.message, exc.details, exc.headers)
+    return error_response(exc.status, exc.type, exc.message, exc.details, exc.headers, request.url.path)
 
 
 async def on_http_error(request: Request, exc: HTTPException) -> JSONResponse:
@@ -101,12 +132,13 @@ async def on_http_error(request: Request, exc: HTTPException) -> JSONResponse:
     elif exc.status_code == 405:
         message = f"method {request.method} is not allowed on {request.url.path} (see /docs)"
     return error_response(exc.status_code, TYPES.get(exc.status_code, "error"), message,
-                          headers=getattr(exc, "headers", None))
+                          headers=getattr(exc, "headers", None), path=request.url.path)
 
 
 async def on_unexpected_error(request: Request, exc: Exception) -> JSONResponse:
     log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-    return error_response(500, "internal_error", "the server failed to answer this request; it has been logged")
+    return error_response(500, "internal_error", "the server failed to answer this request; it has been logged",
+                          path=request.url.path)
 
 
 def install(app: FastAPI) -> None:

@@ -22,7 +22,7 @@ from app import errors
 from app.engine import Engine
 from app.metrics import Metrics
 from app.middleware import BodyLimit, RequestMetrics
-from app.routes import admin, compare, generate, health, models, perplexity
+from app.routes import admin, compare, generate, health, models, openai, perplexity
 from app.security import DOCS_STATIC, ApiKeys, declare_security, parse_keys
 from app.served import StartupError, load_models
 from app.settings import Settings
@@ -124,7 +124,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = Metrics()
     app.state.state_codec = state_codec(settings)
     errors.install(app)
-    routers = [module.router for module in (generate, perplexity, compare, models, health)]
+    routers = [module.router for module in (generate, perplexity, compare, models, openai, health)]
     if settings.admin_token and settings.admin_token.get_secret_value():
         routers.append(admin.router)
         app.state.reload_lock = asyncio.Lock()

@@ -25,7 +25,8 @@ class BodyLimit:
             return await self.app(scope, receive, send)
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and not length.isdigit():
-            return await error_response(400, "bad_request", "invalid Content-Length header")(scope, receive, send)
+            return await error_response(400, "bad_request", "invalid Content-Length header",
+                                        path=scope["path"])(scope, receive, send)
         if length is not None and int(length) > self.max_bytes:
             return await self.too_large(scope, receive, send)
         # Read the whole body first (it is small: at most max_bytes), then replay it.
@@ -49,7 +50,8 @@ class BodyLimit:
 
     async def too_large(self, scope, receive, send):
         response = error_response(413, "payload_too_large",
-                                  f"the request body is larger than {self.max_bytes} bytes (LYRICS_MAX_BODY_BYTES)")
+                                  f"the request body is larger than {self.max_bytes} bytes (LYRICS_MAX_BODY_BYTES)",
+                                  path=scope["path"])
         response.headers["connection"] = "close"
         await response(scope, receive, send)
 

@@ -18,6 +18,7 @@ Unknown = Literal["error", "skip"]
 UNKNOWN_HELP = ("characters outside the model's vocabulary: 'error' answers 422 naming them; 'skip' drops them "
                 "and reports them in unknown_characters")
 MAX_SEED = 2**53 - 1  # exact in every JSON client
+MAX_LOGPROBS = 20  # alternatives per character
 EMPTY_PREFIX = "a prefix needs at least one character: the model continues text, it cannot start from nothing"
 
 
@@ -165,6 +166,12 @@ class GenerateRequest(ContinueFields):
     constraints: Constraints | None = Field(None, description=(
         "structure of the generated text: lines, characters per line, banned and required characters, rhyme; "
         "the answer says which were met (`constraints_met`)"))
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, examples=[3], description=(
+        "also answer each generated character's log-probability and the `logprobs` likeliest characters at its "
+        "place (0: the character's alone), in each choice's `logprobs` and in each streamed chunk. They are the "
+        "model's own probabilities, before temperature, filters and constraints: the numbers /perplexity gives "
+        "the same text (a mixture model's are those of its recurrent model, which writes; its /perplexity adds "
+        "the cache)"))
 
     def continues_a_text(self) -> bool:
         return self.state is not None
@@ -182,10 +189,24 @@ class WhenAsked(BaseModel):
     @model_serializer(mode="wrap")
     def omit_unasked(self, handler):
         data = handler(self)
-        for name in ("state", "constraints_met"):
+        for name in ("state", "constraints_met", "logprobs"):
             if data.get(name) is None:
                 data.pop(name, None)
         return data
+
+
+class Alternative(BaseModel):
+    char: str
+    logprob: float = Field(description="ln p(char | the text before it)")
+
+
+class CharLogprob(Alternative):
+    """A generated character, its log-probability and the likeliest characters at its place."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"char": "的", "logprob": -1.02, "top": [{"char": "的", "logprob": -1.02}, {"char": "我", "logprob": -2.3}]}]})
+
+    top: list[Alternative] = Field(description="the `logprobs` likeliest characters, likeliest first")
 
 
 class Choice(WhenAsked):
@@ -198,6 +219,7 @@ class Choice(WhenAsked):
     state: str | None = Field(None, description="with return_state: the handle to continue this choice from")
     constraints_met: dict[str, bool] | None = Field(None, examples=[{"lines": True, "rhyme": True}], description=(
         "with constraints: whether this choice's generated text meets each one given (read from the text)"))
+    logprobs: list[CharLogprob] | None = Field(None, description="with logprobs: one entry per generated character")
 
 
 class GenerateUsage(BaseModel):
@@ -227,6 +249,7 @@ class StreamChunk(BaseModel):
 
     index: int = Field(description="the choice this text belongs to")
     text: str
+    logprobs: list[CharLogprob] | None = Field(None, description="with logprobs: one entry per character of text")
 
 
 class PerplexityRequest(StrictBody):

@@ -27,6 +27,16 @@ from model_store.vocab import Vocabulary
 
 
 @dataclass
+class CharLogprob:
+    """A generated character's log-probability under the model's own softmax (before temperature, filters and
+    constraints), and the `top` likeliest characters there as (id, log-probability), likeliest first."""
+
+    id: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+@dataclass
 class Completion:
     text: str  # prefix + generated
     generated: str
@@ -35,6 +45,7 @@ class Completion:
     constraints_met: dict[str, bool] | None = None  # per requested constraint, read from `generated`
     # where the text stopped (its model state), when asked for; a stripped stop string is part of it
     state: Snapshot | None = field(default=None, compare=False, repr=False)
+    logprobs: list[CharLogprob] | None = field(default=None, compare=False, repr=False)  # one per generated char
 
 
 def prefill(model: CharLM, ids: Sequence[int], device=None) -> tuple[torch.Tensor, State]:
@@ -65,10 +76,11 @@ def cat_state(a: State, b: State) -> State:
 
 @dataclass
 class Delta:
-    """New text for one continuation, as it is produced."""
+    """New text for one continuation, as it is produced (with its characters' log-probabilities, if asked)."""
 
     index: int
     text: str
+    logprobs: list[CharLogprob] | None = None
 
 
 class Row:
@@ -78,8 +90,12 @@ class Row:
 
     def __init__(self, params: SamplingParams, seed: int | None, stop: Sequence[str], max_chars: int,
                  index: int = 0, owner=None, tracker: Tracker | None = None, keep_state: bool = False,
-                 read: Sequence[int] = (), after_blank: bool = False, stream_seed: int | None = None):
+                 read: Sequence[int] = (), after_blank: bool = False, stream_seed: int | None = None,
+                 logprobs: int | None = None):
         self.params, self.seed, self.stop, self.max_chars = params, seed, stop, max_chars
+        self.top_logprobs = logprobs  # None: not recorded; k: each character's log-probability and the top k
+        self.logprobs: list[CharLogprob] = []  # one per character pushed (a stripped stop string's too)
+        self.shown = 0  # characters handed out as deltas
         self.after_blank = after_blank  # the last character read or generated is a blank (no_blank_runs)
         self.group: Group | None = None  # the best_of candidates this row is one of
         self.loglik = 0.0  # log-probability of its characters since its group last compared them
@@ -123,12 +139,21 @@ class Row:
         random stream. The batch copies the model state."""
         self.text, self.emitted, self.finish, self.after_blank = lead.text, lead.emitted, lead.finish, lead.after_blank
         self.generated_ids = list(lead.generated_ids)
+        self.logprobs = list(lead.logprobs)
         self.tracker = lead.tracker.copy() if lead.tracker is not None else None
         self.ngrams = lead.ngrams.copy() if lead.ngrams is not None else None
 
+    def delta(self, text: str) -> Delta:
+        """`text`, the next characters this continuation shows, as a Delta (with their log-probabilities)."""
+        shows = self.group or self  # a group's lead changes, but its continuation's text goes on
+        start, shows.shown = shows.shown, shows.shown + len(text)
+        return Delta(self.index, text, self.logprobs[start:shows.shown] if self.top_logprobs is not None else None)
+
     def completion(self, prefix: str) -> Completion:
         met = self.tracker.plan.met(self.text) if self.tracker is not None else None
-        return Completion(prefix + self.text, self.text, self.finish or "length", self.seed, met, self.snapshot)
+        logprobs = self.logprobs[:len(self.text)] if self.top_logprobs is not None else None
+        return Completion(prefix + self.text, self.text, self.finish or "length", self.seed, met, self.snapshot,
+                          logprobs)
 
 
 def prefill_rows(model: CharLM, generations: Sequence[Generation]) -> tuple[torch.Tensor, State, torch.Tensor]:
@@ -179,7 +204,7 @@ class Group:
 
     def __init__(self, rows: list[Row], every: int):
         self.rows, self.every, self.lead = rows, every, rows[0]
-        self.steps = self.emitted = 0
+        self.steps = self.emitted = self.shown = 0
         for row in rows:
             row.group = self
 
@@ -234,6 +259,8 @@ class Batch:
         rows = self.rows
         logits = block_repeats(mask_logits(self.logits, [r.tracker for r in rows]), rows, self.blanks)
         chosen = sample_next(logits, [r.params for r in rows], self.seen, [r.uniforms for r in rows])
+        if any(r.top_logprobs is not None for r in rows):
+            self.record_logprobs(chosen)
         chars = self.vocab.idx_to_char
         produced = [(row, row.push(chars[c], c)) for row, c in zip(rows, chosen.tolist(), strict=True)]
         if any(row.group is not None for row in rows):
@@ -251,6 +278,19 @@ class Batch:
             self.logits, self.state = self.model.step(chosen, self.state)
         return produced
 
+    def record_logprobs(self, chosen: torch.Tensor) -> None:
+        """Append each recording row's character log-probability and top alternatives, from the raw logits."""
+        rows = self.rows
+        asking = [i for i, r in enumerate(rows) if r.top_logprobs is not None]
+        index = torch.tensor(asking, device=chosen.device)
+        log_probs = torch.log_softmax(self.logits.index_select(0, index).float(), dim=1)
+        picked = log_probs.gather(1, chosen.index_select(0, index)[:, None])[:, 0].tolist()
+        k = max(rows[i].top_logprobs for i in asking)
+        top_values, top_ids = (t.tolist() for t in log_probs.topk(min(k, log_probs.shape[1]), dim=1))
+        for n, i in enumerate(asking):
+            row = rows[i]
+            top = list(zip(top_ids[n][:row.top_logprobs], top_values[n][:row.top_logprobs], strict=True))
+            row.logprobs.append(CharLogprob(int(chosen[i]), picked[n], top))
 
     def compare_candidates(self, chosen: torch.Tensor, produced: list[tuple[Row, str]]) -> list[tuple[Row, str]]:
         """Add each candidate's character log-probability; in every group due for a comparison, make the
@@ -310,7 +350,7 @@ class Generation:
     def __init__(self, model: CharLM, vocab: Vocabulary, prefix: str, max_chars: int = 50,
                  params: SamplingParams = SamplingParams(), stop: Sequence[str] = (),
                  seed: int | None = None, n: int = 1, start: Snapshot | None = None, keep_state: bool = False,
-                 constraints: Constraints | None = None):
+                 constraints: Constraints | None = None, logprobs: int | None = None):
         if not prefix and start is None:
             raise ValueError("prefix must contain at least one character")
         if max_chars < 0 or n < 1:
@@ -320,6 +360,9 @@ class Generation:
         self.ids = ([start.last] if start is not None else []) + vocab.encode(prefix)  # what the model reads
         self.plan = Plan(constraints, vocab, max_chars, model.dense.weight.device) if constraints else None
         self.max_chars, self.params, self.n = max_chars, params, n
+        if logprobs is not None and logprobs < 0:
+            raise ValueError("logprobs must be >= 0")
+        self.logprobs = logprobs
         self.stop = [s for s in stop if s]
         if params.temperature > 0 and seed is None:
             seed = secrets.randbits(31)
@@ -346,7 +389,7 @@ class Generation:
         for i, seed in enumerate(self.seeds):
             candidates = [Row(self.params, seed, self.stop, self.max_chars, i, owner, self.plan and self.plan.tracker(),
                               self.keep_state, read, last.isspace(),
-                              candidate_seed(seed, j)) for j in range(self.params.best_of)]
+                              candidate_seed(seed, j), self.logprobs) for j in range(self.params.best_of)]
             if len(candidates) > 1:
                 Group(candidates, self.params.best_of_chars)
             rows += candidates
@@ -383,7 +426,7 @@ class Generation:
                 produced = batch.step()
             for row, text in produced:
                 if text:
-                    yield Delta(row.index, text)
+                    yield row.delta(text)
         self.finish(rows)
 
 
@@ -400,11 +443,28 @@ def generate(model: CharLM, vocab: Vocabulary, prefix: str, max_chars: int = 50,
              params: SamplingParams = SamplingParams(), stop: Sequence[str] = (),
              seed: int | None = None, n: int = 1, **options) -> list[Completion]:
     """Continue `prefix` with up to `max_chars` characters, `n` times (see `Generation`, which
-    takes the `options` start, keep_state and constraints)."""
+    takes the `options` start, keep_state, constraints and logprobs)."""
     generation = Generation(model, vocab, prefix, max_chars, params, stop, seed, n, **options)
     for _ in generation:
         pass
     return generation.completions
+
+
+@torch.no_grad()
+def text_logprobs(model: CharLM, ids: Sequence[int], top: int) -> list[CharLogprob]:
+    """Each of ids[1:] with its log-probability after the ids before it and the `top` likeliest characters
+    there, under the model that generates (a mixture's recurrent model): what `logprobs` reports for the
+    characters of a prompt, the same numbers as for generated ones."""
+    model = for_generation(model)
+    if len(ids) < 2:
+        return []
+    logits, _ = model(torch.tensor([list(ids[:-1])], device=model.dense.weight.device))
+    log_probs = torch.log_softmax(logits[0].float(), dim=1)
+    targets = torch.tensor(list(ids[1:]), device=log_probs.device)
+    picked = log_probs.gather(1, targets[:, None])[:, 0].tolist()
+    values, indices = (t.tolist() for t in log_probs.topk(min(top, log_probs.shape[1]), dim=1))
+    return [CharLogprob(int(c), lp, list(zip(i, v, strict=True)))
+            for c, lp, i, v in zip(ids[1:], picked, indices, values, strict=True)]
 
 
 def held_back(text: str, stop: Sequence[str]) -> int:

@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 
 from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
 
 from app.deps import EngineDep, MetricsDep, ModelsDep, SettingsDep, StateCodecDep
-from app.engine import EngineBusy, EngineTimeout, Job
+from app.engine import Engine, EngineBusy, EngineTimeout, Job
 from app.errors import ApiError, error_body, invalid
 from app.inputs import drop_unknown, model_text, unknown_error
 from app.metrics import Metrics
@@ -19,7 +20,7 @@ from app.served import ServedModels
 from app.settings import Settings
 from model_store.checkpoint import Checkpoint
 from model_store.constraints import ConstraintError, Constraints, parse_line_lengths, structure_chars
-from model_store.generate import Completion, Generation
+from model_store.generate import CharLogprob, Completion, Generation
 from model_store.state import Snapshot, StateCodec, StateError, model_identity
 
 log = logging.getLogger("app.generate")
@@ -27,14 +28,16 @@ router = APIRouter(tags=["generate"])
 
 STREAM_DOC = """Continue `prefix` with up to `max_chars` characters, `n` times.
 
-Defaults are greedy (`temperature` 0): the same prefix always gives the same text. With
-`temperature` > 0 the text is sampled; pass `seed` to make it reproducible.
+By default the text is sampled with the lyric defaults (see the fields); pass `seed` to
+make it reproducible. `temperature` 0 is greedy: the same prefix always gives the same text.
+`logprobs` adds each generated character's log-probability and the likeliest alternatives.
 
 **Streaming** (`"stream": true`) answers `text/event-stream`, one event per generated chunk:
 
     data: {"index": 0, "text": "的"}
 
-then one `final` event whose data is the whole answer, as without streaming (choices
+(with `logprobs`, the chunk also carries its characters' `logprobs`), then one `final`
+event whose data is the whole answer, as without streaming (choices
 with `finish_reason`, `usage`), then the end marker:
 
     event: final
@@ -74,39 +77,73 @@ ERRORS = {**BODY_ERRORS,
              responses={200: {"content": {"text/event-stream": {"schema": SSE_EVENT}}}, **ERRORS})
 async def generate(body: GenerateRequest, models: ModelsDep, engine: EngineDep, settings: SettingsDep,
                    metrics: MetricsDep, codec: StateCodecDep):
+    run = start(body, models, engine, settings, codec)
+    if body.stream:
+        return StreamingResponse(events(run, metrics), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    completions = await finished(run.job)
+    metrics.generated_chars.labels(run.ck.name).inc(sum(len(c.generated) for c in completions))
+    return answer(run, completions)
+
+
+@dataclass
+class Started:
+    """A generation handed to the engine, and what its answer needs."""
+
+    job: Job
+    ck: Checkpoint
+    prefix: str  # as the model read it
+    skipped: int  # unknown characters dropped from it
+    missing: list[str]  # which
+    seal: Callable[[Snapshot], str] | None  # turns a snapshot into a state handle, with return_state
+
+
+def start(body: GenerateRequest, models: ServedModels, engine: Engine, settings: Settings,
+          codec: StateCodec | None = None) -> Started:
+    """Check a request against the limits, read its prefix, state and constraints, and submit it
+    (/generate and /v1/completions both start here). Raises ApiError for what is wrong."""
     max_chars_given = "max_chars" in body.model_fields_set  # before limit_errors fills it in
     if errors := body.limit_errors(settings):
         raise invalid(errors)
-    ck, start = open_state(body, models, codec)
+    ck, start_from = open_state(body, models, codec)
     prefix, skipped, missing = prepare_prefix(ck, body)
-    params = body.sampling()
     constraints = read_constraints(body, settings, max_chars_given)
     try:
-        generation = Generation(ck.model, ck.vocab, prefix, body.max_chars, params, body.stop, body.seed, body.n,
-                                start=start, keep_state=body.return_state, constraints=constraints)
+        generation = Generation(ck.model, ck.vocab, prefix, body.max_chars, body.sampling(), body.stop, body.seed,
+                                body.n, start=start_from, keep_state=body.return_state, constraints=constraints,
+                                logprobs=body.logprobs)
     except ConstraintError as e:
         raise constraint_error(e) from e
-    seal = sealer(codec, ck) if body.return_state else None
+    seal = sealer(codec, ck) if body.return_state and codec is not None else None
     try:
         job = engine.submit(generation, stream=body.stream)
     except EngineBusy as e:
         raise ApiError(503, "busy", str(e), headers={"Retry-After": "1"}) from e
-    if body.stream:
-        return StreamingResponse(events(job, ck, prefix, skipped, missing, metrics, seal), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return Started(job, ck, prefix, skipped, missing, seal)
+
+
+async def finished(job: Job) -> list[Completion]:
+    """The job's completions once it is done; its timeout or cancellation as an ApiError."""
     try:
-        completions = await job.wait()
-    except EngineTimeout as e:
-        raise ApiError(504, "timeout", f"{e}: lower max_chars or n (LYRICS_REQUEST_TIMEOUT_S)") from e
-    except EngineBusy as e:
-        raise ApiError(503, "unavailable", str(e)) from e
-    metrics.generated_chars.labels(ck.name).inc(sum(len(c.generated) for c in completions))
-    return answer(ck, prefix, completions, skipped, missing, seal)
+        return await job.wait()
+    except (EngineTimeout, EngineBusy) as e:
+        raise engine_error(e) from e
 
 
-def open_state(body: GenerateRequest, models: ServedModels, codec: StateCodec) -> tuple[Checkpoint, Snapshot | None]:
+def engine_error(e: Exception) -> ApiError:
+    """What a client is told when the engine stopped its work: a timeout (504) or a shutdown (503)."""
+    if isinstance(e, EngineTimeout):
+        return ApiError(504, "timeout", f"{e}: lower max_chars or n (LYRICS_REQUEST_TIMEOUT_S)")
+    if isinstance(e, EngineBusy):
+        return ApiError(503, "unavailable", str(e))
+    log.error("generation failed", exc_info=e)
+    return ApiError(500, "internal_error", "the generation failed; it has been logged")
+
+
+def open_state(body: GenerateRequest, models: ServedModels,
+               codec: StateCodec | None) -> tuple[Checkpoint, Snapshot | None]:
     """The model to run, and the snapshot to start from when the request continues a state handle."""
-    if body.state is None:
+    if body.state is None or codec is None:
         return models.get(body.model), None
     try:
         opened = codec.open(body.state)
@@ -157,18 +194,28 @@ def prepare_prefix(ck: Checkpoint, body: GenerateRequest) -> tuple[str, int, lis
     return prefix, skipped, missing
 
 
-def answer(ck: Checkpoint, prefix: str, completions: list[Completion], skipped: int,
-           missing: list[str], seal: Callable[[Snapshot], str] | None = None) -> GenerateResponse:
+def answer(run: Started, completions: list[Completion]) -> GenerateResponse:
+    ck, seal = run.ck, run.seal
     choices = [Choice(index=i, text=c.text, generated=c.generated, finish_reason=c.finish_reason, seed=c.seed,
-                      state=seal(c.state) if seal and c.state is not None else None, constraints_met=c.constraints_met)
+                      state=seal(c.state) if seal and c.state is not None else None, constraints_met=c.constraints_met,
+                      logprobs=logprobs_json(ck, c.logprobs))
                for i, c in enumerate(completions)]
     first = choices[0]
-    return GenerateResponse(model=ck.name, prefix=prefix, text=first.text, generated=first.generated,
+    return GenerateResponse(model=ck.name, prefix=run.prefix, text=first.text, generated=first.generated,
                             finish_reason=first.finish_reason, seed=first.seed, choices=choices,
                             state=first.state, constraints_met=first.constraints_met,
-                            usage=GenerateUsage(prompt_chars=len(prefix),
+                            usage=GenerateUsage(prompt_chars=len(run.prefix),
                                                 generated_chars=sum(len(c.generated) for c in choices)),
-                            unknown_skipped=skipped, unknown_characters=missing if skipped else [])
+                            unknown_skipped=run.skipped, unknown_characters=run.missing if run.skipped else [])
+
+
+def logprobs_json(ck: Checkpoint, records: list[CharLogprob] | None) -> list[dict] | None:
+    """Generated characters' log-probabilities as the answer shows them: characters, not ids."""
+    if records is None:
+        return None
+    chars = ck.vocab.idx_to_char
+    return [{"char": chars[r.id], "logprob": r.logprob, "top": [{"char": chars[i], "logprob": v} for i, v in r.top]}
+            for r in records]
 
 
 def sse(data, event: str | None = None) -> str:
@@ -176,22 +223,20 @@ def sse(data, event: str | None = None) -> str:
     return (f"event: {event}\n" if event else "") + f"data: {payload}\n\n"
 
 
-async def events(job: Job, ck: Checkpoint, prefix: str, skipped: int, missing: list[str],
-                 metrics: Metrics, seal: Callable[[Snapshot], str] | None = None) -> AsyncIterator[str]:
-    deltas = aiter(job)
+async def events(run: Started, metrics: Metrics) -> AsyncIterator[str]:
+    deltas = aiter(run.job)
     try:
         async for delta in deltas:
-            metrics.generated_chars.labels(ck.name).inc(len(delta.text))
-            yield sse({"index": delta.index, "text": delta.text})
-        yield sse(answer(ck, prefix, job.generation.completions, skipped, missing, seal).model_dump(), event="final")
-    except EngineTimeout as e:
-        yield sse(error_body("timeout", f"{e}: lower max_chars or n (LYRICS_REQUEST_TIMEOUT_S)"), event="error")
-    except EngineBusy as e:
-        yield sse(error_body("unavailable", str(e)), event="error")
-    except Exception:
-        log.exception("generation failed while streaming")
-        yield sse(error_body("internal_error", "the generation failed; it has been logged"), event="error")
+            metrics.generated_chars.labels(run.ck.name).inc(len(delta.text))
+            chunk = {"index": delta.index, "text": delta.text}
+            if delta.logprobs is not None:
+                chunk["logprobs"] = logprobs_json(run.ck, delta.logprobs)
+            yield sse(chunk)
+        yield sse(answer(run, run.job.generation.completions).model_dump(), event="final")
+    except Exception as e:  # after the answer has started: the error goes in the stream
+        error = engine_error(e)
+        yield sse(error_body(error.type, error.message), event="error")
     finally:
         await deltas.aclose()
-        job.stop()
+        run.job.stop()
     yield sse("[DONE]")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from api_helpers import assert_error, stream_parts
 
@@ -290,3 +292,26 @@ async def test_no_repeat_ngram_matches_model_store_and_never_repeats_an_ngram(cl
 @pytest.mark.parametrize("n", [1, -1, 1001])
 async def test_no_repeat_ngram_out_of_range_is_422(client, n):
     assert_error(await post(client, prefix="分开", no_repeat_ngram=n), 422)
+
+
+async def test_logprobs_give_each_generated_character_its_log_probability_and_alternatives(client):
+    body = (await post(client, prefix="分开", max_chars=20, seed=4, logprobs=2, n=2)).json()
+    for choice in body["choices"]:
+        lp = choice["logprobs"]
+        assert "".join(x["char"] for x in lp) == choice["generated"]
+        for x in lp:
+            assert x["logprob"] <= 0 and len(x["top"]) == 2 and x["top"][0]["logprob"] >= x["logprob"] - 1e-6
+    scored = (await client.post("/perplexity", json={"text": body["text"], "per_char": True})).json()
+    assert [x["logprob"] for x in body["choices"][0]["logprobs"]] == pytest.approx(
+        [-c["nll"] for c in scored["per_char"][2:]], abs=1e-4)
+    plain = (await post(client, prefix="分开", max_chars=20, seed=4)).json()
+    assert "logprobs" not in plain["choices"][0] and plain["text"] == body["text"]  # asking changes no text
+    assert_error(await post(client, prefix="分开", logprobs=21), 422)
+
+
+async def test_streamed_chunks_carry_their_characters_logprobs(client):
+    r = await post(client, prefix="分开", max_chars=15, seed=2, logprobs=1, stream=True)
+    texts, final, events = stream_parts(r.text)
+    chunks = [e for e in events if e[0] == "message" and e[1] != "[DONE]"]
+    streamed = [x for _, data in chunks for x in json.loads(data)["logprobs"]]
+    assert streamed == final["choices"][0]["logprobs"] and texts[0] == final["generated"]

@@ -97,9 +97,10 @@ async def test_docs_and_openapi_document_every_field_with_defaults(client):
     props = schema["properties"]
     assert set(props) == {"prefix", "model", "max_chars", "temperature", "top_k", "top_p", "repetition_penalty",
                           "no_repeat_ngram", "no_blank_runs", "best_of", "best_of_chars", "stop", "seed", "n", "stream",
-                          "unknown", "return_state", "state", "constraints"}
+                          "unknown", "return_state", "state", "constraints", "logprobs"}
     defaults = {"max_chars": 50, "top_k": 0, "repetition_penalty": 1.0, "stop": [], "seed": None, "n": 1,
-                "stream": False, "unknown": "error", "return_state": False, **dict.fromkeys(LYRIC_DEFAULTS)}
+                "stream": False, "unknown": "error", "return_state": False, "logprobs": None,
+                **dict.fromkeys(LYRIC_DEFAULTS)}
     assert {k: props[k].get("default") for k in defaults} == defaults  # null defaults are left out
     assert all(props[k].get("description") for k in props), "every field is described"
     # the decoding fields default to null ("not given"): their descriptions say what omitted means
