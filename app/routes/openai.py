@@ -68,7 +68,7 @@ class CompletionRequest(StrictBody):
     max_tokens: int | None = Field(16, ge=0, le=1_000_000, description=(
         "characters to generate at most (a token is one character), up to LYRICS_MAX_NEW_CHARS; null: that limit"))
     temperature: float | None = Field(None, ge=0.0, le=100.0, description=(
-        "0: greedy; omitted: the lyric defaults of /generate (0.8, with top_p 0.95, no repeated 4-grams, no "
+        "0: greedy; omitted: the lyric defaults of /generate (0.9, with top_p 0.95, no repeated 4-grams, no "
         "blank runs, best of 8)"))
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     n: int = Field(1, ge=1, le=1000, description="choices per prompt (up to LYRICS_MAX_N)")

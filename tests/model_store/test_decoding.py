@@ -22,8 +22,8 @@ def model(make_model):
 
 
 def test_omitted_fields_take_the_lyric_defaults_when_sampled():
-    assert decoding() == SamplingParams(0.8, 0, 0.95, 1.0, 4, True, 8, 5)
-    assert LYRIC_DEFAULTS == {"temperature": 0.8, "top_p": 0.95, "no_repeat_ngram": 4, "no_blank_runs": True,
+    assert decoding() == SamplingParams(0.9, 0, 0.95, 1.0, 4, True, 8, 5)
+    assert LYRIC_DEFAULTS == {"temperature": 0.9, "top_p": 0.95, "no_repeat_ngram": 4, "no_blank_runs": True,
                               "best_of": 8, "best_of_chars": 5}
     assert decoding(temperature=1.2).temperature == 1.2 and decoding(temperature=1.2).best_of == 8
 
