@@ -59,10 +59,13 @@ class EngineTimeout(Exception):
 class Job:
     """One submitted generation: iterate it for deltas; closing it stops the generation."""
 
-    def __init__(self, engine: Engine, generation: Generation, stream: bool):
-        self.engine, self.generation, self.stream = engine, generation, stream
+    def __init__(self, engine: Engine, generation: Generation, stream: bool, label: str = ""):
+        self.engine, self.generation, self.stream, self.label = engine, generation, stream, label
         self.n = generation.row_count
-        self.deadline = time.monotonic() + engine.timeout_s
+        self.submitted = time.monotonic()
+        self.admitted: float | None = None  # when its rows joined the batch
+        self.first_char: float | None = None  # when its first character was generated
+        self.deadline = self.submitted + engine.timeout_s
         self.stopped = False  # set by the client side, read by the scheduler between steps
         self.timed_out = self.cancelled = False
         self.error: BaseException | None = None
@@ -100,8 +103,8 @@ def post_all(posts: list[tuple[asyncio.Queue, Any]]) -> None:
 class Scheduler:
     """The batch of one model and the thread that steps it."""
 
-    def __init__(self, engine: Engine, generation: Generation, retiring: bool = False):
-        self.engine, self.model, self.vocab = engine, generation.model, generation.vocab
+    def __init__(self, engine: Engine, generation: Generation, retiring: bool = False, label: str = ""):
+        self.engine, self.model, self.vocab, self.label = engine, generation.model, generation.vocab, label
         self.retiring = retiring  # exit once idle (the model is no longer served); guarded by engine.lock
         self.inbox: list[Job] = []  # guarded by engine.lock
         self.active: set[Job] = set()  # scheduler thread only
@@ -151,9 +154,11 @@ class Scheduler:
 
     def admit(self, jobs: list[Job], posts) -> None:
         by_length: dict[int, list[Job]] = defaultdict(list)
+        now = time.monotonic()
         for job in jobs:
             with self.engine.lock:
                 self.engine.in_flight += job.n
+            job.admitted = now
             self.active.add(job)
             if not job.stopped and time.monotonic() <= job.deadline:
                 by_length[len(job.generation.ids)].append(job)
@@ -196,8 +201,13 @@ class Scheduler:
                 job.error = e
                 self.end(job, "error", posts)
             return
+        if self.engine.on_step is not None:
+            self.engine.on_step(self.label, len(produced))
+        now = time.monotonic()
         for row, text in produced:
             job = row.owner
+            if job.first_char is None:
+                job.first_char = now
             if text and job.stream:
                 posts[job.loop].append((job.queue, row.delta(text)))
         for job in {row.owner for row, _ in produced if row.finish}:
@@ -214,6 +224,8 @@ class Scheduler:
         self.active.discard(job)
         self.batch.drop({job})
         job.generation.finish(job.rows)
+        if self.engine.on_end is not None:
+            self.engine.on_end(job, outcome)
         with self.engine.lock:
             self.engine.in_flight -= job.n
             self.engine.pending -= job.n
@@ -243,6 +255,10 @@ class Engine:
         self.executor: ThreadPoolExecutor | None = None
         self.stopping = False
         self.closing = False  # draining for shutdown: new work gets EngineBusy, running work finishes
+        # observers (app/metrics.py), called on a scheduler thread: on_step(label, rows) after each batch step,
+        # on_end(job, outcome) when a generation ends
+        self.on_step: Callable[[str, int], None] | None = None
+        self.on_end: Callable[[Job, str], None] | None = None
 
     @property
     def running(self) -> bool:
@@ -302,18 +318,19 @@ class Engine:
         with self.lock:
             self.pending -= units
 
-    def submit(self, generation: Generation, stream: bool = True) -> Job:
+    def submit(self, generation: Generation, stream: bool = True, label: str = "") -> Job:
+        """Queue a generation; `label` (the model's name) tags its metrics."""
         self._admit(generation.row_count)
-        job = Job(self, generation, stream)
+        job = Job(self, generation, stream, label)
         with self.wake:
             key = id(generation.model)
             scheduler = self.schedulers.get(key)
             if scheduler is None and generation.model in self.retired:
                 # a request that looked its model up before a reload: served by a scheduler that exits after it
-                scheduler = Scheduler(self, generation, retiring=True)
+                scheduler = Scheduler(self, generation, retiring=True, label=label)
                 self.draining.append(scheduler)
             elif scheduler is None:
-                scheduler = self.schedulers[key] = Scheduler(self, generation)
+                scheduler = self.schedulers[key] = Scheduler(self, generation, label=label)
             scheduler.inbox.append(job)
             self.queued += 1
             self.jobs.add(job)

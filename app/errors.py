@@ -48,9 +48,14 @@ def error_body(type: str, message: str, details: list[dict] | None = None) -> di
 
 
 def error_response(status: int, type: str, message: str, details: list[dict] | None = None,
-                   headers: dict[str, str] | None = None, path: str = "") -> JSONResponse:
-    """The error answer; `path` (the request's) picks the OpenAI shape under /v1/."""
-    if path.startswith(OPENAI_PREFIX):
+                   headers: dict[str, str] | None = None, scope: dict | None = None) -> JSONResponse:
+    """The error answer. `scope` (the request's): its path picks the OpenAI shape under /v1/, and its app's
+    metrics count the error by type."""
+    scope = scope or {}
+    metrics = getattr(getattr(scope.get("app"), "state", None), "metrics", None)
+    if metrics is not None:
+        metrics.errors.labels(type).inc()
+    if scope.get("path", "").startswith(OPENAI_PREFIX):
         status, body = openai_error(status, type, message, details)
         return JSONResponse(body, status_code=status, headers=headers)
     return JSONResponse(error_body(type, message, details), status_code=status, headers=headers)
@@ -114,15 +119,15 @@ async def on_validation_error(request: Request, exc: RequestValidationError) -> 
     if request.headers.get("content-type") and not is_json(request) and any(d["loc"] == ["body"] for d in details):
         return error_response(415, "unsupported_media_type",
                               "send the request body as JSON with the header 'Content-Type: application/json'",
-                              path=request.url.path)
+                              scope=request.scope)
     if any(d["loc"] == ["body"] and d["type"] == "missing" for d in details):
         return error_response(422, "validation_error", "a JSON object body is required", details,
-                              path=request.url.path)
-    return error_response(422, "validation_error", summary(details), details, path=request.url.path)
+                              scope=request.scope)
+    return error_response(422, "validation_error", summary(details), details, scope=request.scope)
 
 
 async def on_api_error(request: Request, exc: ApiError) -> JSONResponse:
-    return error_response(exc.status, exc.type, exc.message, exc.details, exc.headers, request.url.path)
+    return error_response(exc.status, exc.type, exc.message, exc.details, exc.headers, request.scope)
 
 
 async def on_http_error(request: Request, exc: HTTPException) -> JSONResponse:
@@ -132,13 +137,13 @@ async def on_http_error(request: Request, exc: HTTPException) -> JSONResponse:
     elif exc.status_code == 405:
         message = f"method {request.method} is not allowed on {request.url.path} (see /docs)"
     return error_response(exc.status_code, TYPES.get(exc.status_code, "error"), message,
-                          headers=getattr(exc, "headers", None), path=request.url.path)
+                          headers=getattr(exc, "headers", None), scope=request.scope)
 
 
 async def on_unexpected_error(request: Request, exc: Exception) -> JSONResponse:
     log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return error_response(500, "internal_error", "the server failed to answer this request; it has been logged",
-                          path=request.url.path)
+                          scope=request.scope)
 
 
 def install(app: FastAPI) -> None:

@@ -17,6 +17,7 @@ import torch
 from fastapi import FastAPI
 from fastapi.responses import HTMLResponse
 from fastapi_offline import FastAPIOffline
+from pythonjsonlogger.json import JsonFormatter
 
 from app import errors
 from app.engine import Engine
@@ -92,14 +93,38 @@ def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def configure_logging(level: str) -> None:
+JSON_FIELDS = "%(asctime)s %(levelname)s %(name)s %(message)s"
+
+
+def log_formatter(log_format: str) -> logging.Formatter:
+    """`text`: one readable line; `json`: one JSON object per line (the access log's fields, request_id
+    included, become keys), for log collectors."""
+    if log_format == "json":
+        return JsonFormatter(JSON_FIELDS, rename_fields={"levelname": "level", "name": "logger"})
+    return logging.Formatter("%(levelname)s:     %(name)s: %(message)s")
+
+
+def configure_logging(level: str, log_format: str = "text") -> None:
     """Our loggers print at `level`; a handler is added only when nothing else (uvicorn, pytest) set one up."""
     logger = logging.getLogger("app")
     logger.setLevel(level.upper())
     if not logger.handlers and not logging.getLogger().handlers:
         handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(levelname)s:     %(name)s: %(message)s"))
+        handler.setFormatter(log_formatter(log_format))
         logger.addHandler(handler)
+
+
+def uvicorn_log_config(log_format: str) -> dict | None:
+    """uvicorn's own log lines in JSON too (None: uvicorn's default, text)."""
+    if log_format != "json":
+        return None
+    return {"version": 1, "disable_existing_loggers": False,
+            "formatters": {"json": {"()": JsonFormatter, "fmt": JSON_FIELDS,
+                                    "rename_fields": {"levelname": "level", "name": "logger"}}},
+            "handlers": {"default": {"class": "logging.StreamHandler", "formatter": "json",
+                                     "stream": "ext://sys.stderr"}},
+            "loggers": {"uvicorn": {"handlers": ["default"], "level": "INFO", "propagate": False},
+                        "uvicorn.error": {"level": "INFO"}}}
 
 
 def state_codec(settings: Settings) -> StateCodec:
@@ -115,7 +140,7 @@ def state_codec(settings: Settings) -> StateCodec:
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     # FastAPIOffline: /docs and /redoc load Swagger UI and ReDoc from files shipped in the package,
     # not from a CDN, so the page works on a machine without internet
     app = FastAPIOffline(title="Lyrics RNN", version="0.1.0", description=DESCRIPTION, lifespan=lifespan,

@@ -1,19 +1,24 @@
 """Pure ASGI middleware (no BaseHTTPMiddleware: it would break streaming and disconnects).
 
 `BodyLimit` answers 413 for a body over the limit, whether announced by Content-Length
-or only found while reading a chunked body. `RequestMetrics` counts and times every
-request by its route template and writes one access-log line.
+or only found while reading a chunked body. `RequestMetrics` gives every request an id
+(the client's `X-Request-ID` when it is a plain token, else a new one), returns it in the
+`X-Request-ID` header, counts and times the request by its route template and writes one
+access-log line with the id.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import time
+import uuid
 
 from app.errors import error_response
 from app.metrics import Metrics
 
 access_log = logging.getLogger("app.access")
+CLIENT_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
 
 
 class BodyLimit:
@@ -26,7 +31,7 @@ class BodyLimit:
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and not length.isdigit():
             return await error_response(400, "bad_request", "invalid Content-Length header",
-                                        path=scope["path"])(scope, receive, send)
+                                        scope=scope)(scope, receive, send)
         if length is not None and int(length) > self.max_bytes:
             return await self.too_large(scope, receive, send)
         # Read the whole body first (it is small: at most max_bytes), then replay it.
@@ -51,7 +56,7 @@ class BodyLimit:
     async def too_large(self, scope, receive, send):
         response = error_response(413, "payload_too_large",
                                   f"the request body is larger than {self.max_bytes} bytes (LYRICS_MAX_BODY_BYTES)",
-                                  path=scope["path"])
+                                  scope=scope)
         response.headers["connection"] = "close"
         await response(scope, receive, send)
 
@@ -71,11 +76,16 @@ class RequestMetrics:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         start, status = time.perf_counter(), 500
+        given = dict(scope["headers"]).get(b"x-request-id", b"")
+        request_id = given.decode() if CLIENT_REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
 
         async def send_and_note(message):
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+                message = {**message, "headers": [*message.get("headers", []),
+                                                  (b"x-request-id", request_id.encode())]}
             await send(message)
 
         try:
@@ -86,4 +96,7 @@ class RequestMetrics:
             self.metrics.requests.labels(route, method, str(status)).inc()
             self.metrics.latency.labels(route, method).observe(elapsed)
             client = scope.get("client") or ("-", 0)
-            access_log.info('%s "%s %s" %d %.1f ms', client[0], method, scope["path"], status, elapsed * 1000)
+            access_log.info('%s "%s %s" %d %.1f ms %s', client[0], method, scope["path"], status, elapsed * 1000,
+                            request_id, extra={"request_id": request_id, "client": client[0], "method": method,
+                                               "path": scope["path"], "status": status,
+                                               "duration_ms": round(elapsed * 1000, 3)})

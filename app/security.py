@@ -46,8 +46,8 @@ def presented_key(headers: dict[bytes, bytes], api_key_header: bool = True) -> s
     return key or None
 
 
-def unauthorized(message: str, path: str = ""):
-    return error_response(401, "unauthorized", message, headers={"WWW-Authenticate": "Bearer"}, path=path)
+def unauthorized(message: str, scope: dict | None = None):
+    return error_response(401, "unauthorized", message, headers={"WWW-Authenticate": "Bearer"}, scope=scope)
 
 
 class ApiKeys:
@@ -64,7 +64,7 @@ class ApiKeys:
         if not matches(key, self.keys):
             message = ("a valid API key is required: send 'Authorization: Bearer KEY' or 'X-API-Key: KEY'"
                        if key is None else "the API key is not valid")
-            return await unauthorized(message, path)(scope, receive, send)
+            return await unauthorized(message, scope)(scope, receive, send)
         await self.app(scope, receive, send)
 
 

@@ -23,6 +23,8 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    log_format: Literal["text", "json"] = Field("text", description="json: one JSON object per log line (the "
+                                                                     "access log's request_id, path, status... as keys)")
     # Secrets: SecretStr keeps them out of reprs and tracebacks.
     api_keys: SecretStr = Field(SecretStr(""), description="comma-separated API keys; empty: no authentication")
     admin_token: SecretStr | None = Field(None, description="bearer token of POST /admin/reload; unset: no such endpoint")

@@ -214,6 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "default: the bundled models)")
     s.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (LYRICS_DEVICE, default auto)")
     s.add_argument("--log-level", default=None, help="debug, info, warning or error (LYRICS_LOG_LEVEL, default info)")
+    s.add_argument("--log-format", default=None, choices=["text", "json"],
+                   help="json: one JSON object per log line (LYRICS_LOG_FORMAT, default text)")
     return parser
 
 
@@ -348,11 +350,13 @@ def cmd_serve(args) -> int:
     import uvicorn
     from pydantic import ValidationError
 
+    from app.main import uvicorn_log_config
     from app.settings import Settings
 
     GracefulServer = graceful_server_class()
     for option, env in (("host", "LYRICS_HOST"), ("port", "LYRICS_PORT"), ("model_dir", "LYRICS_MODEL_DIR"),
-                        ("device", "LYRICS_DEVICE"), ("log_level", "LYRICS_LOG_LEVEL")):
+                        ("device", "LYRICS_DEVICE"), ("log_level", "LYRICS_LOG_LEVEL"),
+                        ("log_format", "LYRICS_LOG_FORMAT")):
         value = getattr(args, option)
         if value is not None:
             os.environ[env] = str(value)
@@ -364,6 +368,7 @@ def cmd_serve(args) -> int:
     # graceful timeout for open connections, the lifespan stops the engine and the process exits 0.
     config = uvicorn.Config("app.main:create_app", factory=True, host=settings.host, port=settings.port,
                             log_level=settings.log_level, access_log=False,
+                            log_config=uvicorn_log_config(settings.log_format) or uvicorn.config.LOGGING_CONFIG,
                             timeout_graceful_shutdown=settings.drain_timeout_s)
     GracefulServer(config).run()
     return 0

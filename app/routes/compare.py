@@ -75,7 +75,7 @@ async def compare(body: CompareRequest, models: ModelsDep, engine: EngineDep, se
     try:
         for e in entries:
             generation = Generation(e.ck.model, e.ck.vocab, e.prefix, body.max_chars, params, body.stop, seed)
-            jobs.append((engine.submit(generation, stream=False), time.perf_counter()))
+            jobs.append((engine.submit(generation, stream=False, label=e.ck.name), time.perf_counter()))
         async with asyncio.TaskGroup() as group:
             generated = [group.create_task(finished(job, start)) for job, start in jobs]
             scored = [group.create_task(score(engine, e, body.unknown)) for e in entries]

@@ -116,7 +116,7 @@ def start(body: GenerateRequest, models: ServedModels, engine: Engine, settings:
         raise constraint_error(e) from e
     seal = sealer(codec, ck) if body.return_state and codec is not None else None
     try:
-        job = engine.submit(generation, stream=body.stream)
+        job = engine.submit(generation, stream=body.stream, label=ck.name)
     except EngineBusy as e:
         raise ApiError(503, "busy", str(e), headers={"Retry-After": "1"}) from e
     return Started(job, ck, prefix, skipped, missing, seal)

@@ -156,3 +156,32 @@ async def test_the_root_serves_the_self_contained_playground(client):
         assert f'id="{element}"' in page, element
     assert "Noto Sans CJK SC" in page and "pre-wrap" in page
     assert "/" not in (await client.get("/openapi.json")).json()["paths"]
+
+
+async def test_every_answer_carries_a_request_id_the_client_may_choose(client):
+    first, second = (await client.get("/healthz")), (await client.get("/healthz"))
+    assert len(first.headers["x-request-id"]) == 32 and first.headers["x-request-id"] != second.headers["x-request-id"]
+    chosen = await client.get("/models", headers={"X-Request-ID": "trace-42.a:b"})
+    assert chosen.headers["x-request-id"] == "trace-42.a:b"
+    odd = await client.get("/models", headers={"X-Request-ID": "no spaces or\tcontrol"})
+    assert odd.headers["x-request-id"] != "no spaces or\tcontrol" and len(odd.headers["x-request-id"]) == 32
+    error = await client.post("/generate", json={"prefix": "分开", "model": "nope"})
+    assert error.status_code == 404 and "x-request-id" in error.headers
+
+
+async def test_metrics_show_queue_wait_first_character_speed_occupancy_and_errors_by_type(client):
+    for _ in range(2):
+        assert (await client.post("/generate", json={"prefix": "分开", "max_chars": 20, "n": 2, "best_of": 1})
+                ).status_code == 200
+    await client.post("/generate", json={"prefix": "分开", "model": "nope"})
+    await client.post("/generate", json={"prefix": "分开", "max_chars": -1})
+    text = (await client.get("/metrics")).text
+    assert metric(text, "lyrics_queue_wait_seconds_count", model="gru") == 2
+    assert metric(text, "lyrics_time_to_first_char_seconds_count", model="gru") == 2
+    assert metric(text, "lyrics_time_to_first_char_seconds_sum", model="gru") >= metric(
+        text, "lyrics_queue_wait_seconds_sum", model="gru")  # the first character comes after joining the batch
+    assert metric(text, "lyrics_generation_chars_per_second_count", model="gru") == 2
+    assert metric(text, "lyrics_batch_rows_count", model="gru") >= 20  # a step per character
+    assert metric(text, "lyrics_batch_rows_sum", model="gru") >= 2 * 20 * 2  # two rows each step at least
+    assert metric(text, "lyrics_errors_total", type="model_not_found") == 1
+    assert metric(text, "lyrics_errors_total", type="validation_error") == 1

@@ -184,3 +184,16 @@ def test_serve_rejects_invalid_settings_before_starting(monkeypatch, capsys):
 def test_the_cli_does_not_import_the_service_until_serve():
     code = "import sys, training.cli; assert not [m for m in sys.modules if m == 'app' or m.startswith('app.')]"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_json_logs_carry_the_request_id_of_each_answer(model_dir, tmp_path):
+    log = tmp_path / "json.log"
+    with serving(model_dir, log, LYRICS_LOG_FORMAT="json") as (base_url, _):
+        answer = httpx.post(f"{base_url}/generate", json={"prefix": "分开", "max_chars": 5}, timeout=30)
+        assert answer.status_code == 200
+        request_id = answer.headers["x-request-id"]
+    lines = [json.loads(line) for line in log.read_text(encoding="utf-8").splitlines() if line.strip()]
+    access = [e for e in lines if e.get("logger") == "app.access" and e.get("path") == "/generate"]
+    assert [(e["request_id"], e["status"], e["method"]) for e in access] == [(request_id, 200, "POST")]
+    assert {"level", "asctime", "message"} <= set(access[0])
+    assert any(e.get("logger", "").startswith("uvicorn") for e in lines)  # uvicorn's own lines too
