@@ -107,13 +107,14 @@ def cpu_split(pid: int, before: dict[int, float], after: dict[int, float], clien
     return {"main": used.get(pid, 0.0), "others": [c for c in others if c >= 0.01], "client": client / wall}
 
 
-async def drive(url: str, concurrency: int, requests: int, mode: dict, model: str | None, pid: int) -> dict:
+async def drive(url: str, concurrency: int, requests: int, mode: dict, model: str | None, pid: int,
+                chars: int | None = None) -> dict:
     """`requests` requests from `concurrency` clients; latency per request, totals over the wall time,
     and the cores the server's threads and the load generator used meanwhile (`cpu_split`).
 
     The load generator is aiohttp: httpx's async client saturated one of this machine's two cores at
     about 400 requests/s (against a bare ASGI app), which would have measured the client, not the server."""
-    bodies = [{"prefix": PREFIXES[i % len(PREFIXES)], "max_chars": (50, 200)[i % 2], **mode,
+    bodies = [{"prefix": PREFIXES[i % len(PREFIXES)], "max_chars": chars or (50, 200)[i % 2], **mode,
                **({"model": model, "seed": i} if model else {})} for i in range(requests)]
     latencies, chars, errors = [], 0, 0
     todo = iter(bodies)
@@ -141,8 +142,10 @@ async def drive(url: str, concurrency: int, requests: int, mode: dict, model: st
         cpu = cpu_split(pid, server_before, thread_cpu(pid), time.process_time() - client_before, wall)
     latencies.sort()
     q = statistics.quantiles(latencies, n=100, method="inclusive") if len(latencies) > 1 else latencies * 99
+    server_cpu = (cpu["main"] + sum(cpu["others"])) * wall  # seconds, over the run
     return {"p50": q[49] * 1000, "p99": q[98] * 1000, "rps": len(latencies) / wall, "cps": chars / wall,
-            "errors": errors, "n": requests, "cpu": cpu}
+            "errors": errors, "n": requests, "cpu": cpu, "cpu_ms_per_request": server_cpu / requests * 1000,
+            "client_ms_per_request": cpu["client"] * wall / requests * 1000}
 
 
 def model_step_ceiling(path: Path, batch: int) -> float:
@@ -179,6 +182,8 @@ def main(argv=None) -> None:
                    help="requests per concurrency level (one number, or one per level)")
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch threads in every process")
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    p.add_argument("--chars", type=int, default=None,
+                   help="characters per request (default: 50 and 200 alternating)")
     args = p.parse_args(argv)
     counts = args.requests if len(args.requests) > 1 else args.requests * len(args.concurrency)
     torch.set_num_threads(args.threads)
@@ -193,9 +198,8 @@ def main(argv=None) -> None:
     for extra in models.glob("*.*"):
         if not extra.name.endswith(".safetensors"):
             extra.unlink()
+    print(f"trained GRU 256, {args.epochs} epochs in {time.perf_counter() - began:.0f} s", flush=True)
     vocab = load_checkpoint(ckpt).config.vocab_size
-    print(f"trained GRU 256, vocabulary {vocab}, {args.epochs} epochs in {time.perf_counter() - began:.0f} s",
-          flush=True)
     ceilings = [model_step_ceiling(ckpt, max(args.concurrency))]
     print(f"bare model step at batch {max(args.concurrency)}: {ceilings[0]:,.0f} chars/s", flush=True)
 
@@ -213,10 +217,12 @@ def main(argv=None) -> None:
         try:
             for mode in args.modes:
                 for c, n in zip(args.concurrency, counts, strict=True):
-                    r = asyncio.run(drive(url, c, n, MODES[mode], "gru" if name == "service" else None, process.pid))
+                    r = asyncio.run(drive(url, c, n, MODES[mode], "gru" if name == "service" else None, process.pid,
+                                          args.chars))
                     results[name, mode, c] = r
                     print(f"{name:8} {mode:7} c={c:<3} p50 {r['p50']:8.1f} ms  p99 {r['p99']:8.1f} ms  "
-                          f"{r['rps']:7.1f} req/s  {r['cps']:8.0f} chars/s  errors {r['errors']}", flush=True)
+                          f"{r['rps']:7.1f} req/s  {r['cps']:8.0f} chars/s  errors {r['errors']}  "
+                          f"server CPU {r['cpu_ms_per_request']:.2f} ms/request", flush=True)
             rss[name] = rss_mib(process.pid)
         finally:
             stop(process)
@@ -244,8 +250,9 @@ def report(args, results, ceilings, vocab, rss, startup, bundled_rss) -> str:
              f"Command: `{' '.join(shlex.quote(a) for a in ['.venv/bin/python', 'bench/serve_load.py', *sys.argv[1:]])}`",
              "",
              "| mode | conc. | requests | baseline p50 / p99 ms | service p50 / p99 ms | baseline chars/s | "
-             "service chars/s | chars/s ratio | p50 ratio | service req/s | errors (b/s) |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "service chars/s | chars/s ratio | p50 ratio | service req/s | server CPU ms/request (b / s) | "
+             "errors (b/s) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for (name, mode, c), s in results.items():
         if name != "service":
             continue
@@ -254,7 +261,8 @@ def report(args, results, ceilings, vocab, rss, startup, bundled_rss) -> str:
             continue
         lines.append(f"| {mode} | {c} | {s['n']} | {b['p50']:.0f} / {b['p99']:.0f} | {s['p50']:.0f} / {s['p99']:.0f} | "
                      f"{b['cps']:,.0f} | {s['cps']:,.0f} | {s['cps'] / b['cps']:.1f}x | {s['p50'] / b['p50']:.2f} | "
-                     f"{s['rps']:.1f} | {b['errors']} / {s['errors']} |")
+                     f"{s['rps']:.1f} | {b['cpu_ms_per_request']:.2f} / {s['cpu_ms_per_request']:.2f} | "
+                     f"{b['errors']} / {s['errors']} |")
     top = max(args.concurrency)
     lines += ["", f"Bare batched model step at batch {top} (same run, no server; best of 5 x 300 steps before the "
               f"servers and after the service's load: {' and '.join(f'{c:,.0f}' for c in ceilings)}): "
