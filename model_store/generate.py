@@ -283,14 +283,10 @@ class Batch:
         rows = self.rows
         asking = [i for i, r in enumerate(rows) if r.top_logprobs is not None]
         index = torch.tensor(asking, device=chosen.device)
-        log_probs = torch.log_softmax(self.logits.index_select(0, index).float(), dim=1)
-        picked = log_probs.gather(1, chosen.index_select(0, index)[:, None])[:, 0].tolist()
-        k = max(rows[i].top_logprobs for i in asking)
-        top_values, top_ids = (t.tolist() for t in log_probs.topk(min(k, log_probs.shape[1]), dim=1))
-        for n, i in enumerate(asking):
-            row = rows[i]
-            top = list(zip(top_ids[n][:row.top_logprobs], top_values[n][:row.top_logprobs], strict=True))
-            row.logprobs.append(CharLogprob(int(chosen[i]), picked[n], top))
+        records = char_logprobs(self.logits.index_select(0, index), chosen.index_select(0, index),
+                                [rows[i].top_logprobs for i in asking])
+        for i, record in zip(asking, records, strict=True):
+            rows[i].logprobs.append(record)
 
     def compare_candidates(self, chosen: torch.Tensor, produced: list[tuple[Row, str]]) -> list[tuple[Row, str]]:
         """Add each candidate's character log-probability; in every group due for a comparison, make the
@@ -458,13 +454,18 @@ def text_logprobs(model: CharLM, ids: Sequence[int], top: int) -> list[CharLogpr
     model = for_generation(model)
     if len(ids) < 2:
         return []
-    logits, _ = model(torch.tensor([list(ids[:-1])], device=model.dense.weight.device))
-    log_probs = torch.log_softmax(logits[0].float(), dim=1)
-    targets = torch.tensor(list(ids[1:]), device=log_probs.device)
-    picked = log_probs.gather(1, targets[:, None])[:, 0].tolist()
-    values, indices = (t.tolist() for t in log_probs.topk(min(top, log_probs.shape[1]), dim=1))
-    return [CharLogprob(int(c), lp, list(zip(i, v, strict=True)))
-            for c, lp, i, v in zip(ids[1:], picked, indices, values, strict=True)]
+    device = model.dense.weight.device
+    logits, _ = model(torch.tensor([list(ids[:-1])], device=device))
+    return char_logprobs(logits[0], torch.tensor(list(ids[1:]), device=device), [top] * (len(ids) - 1))
+
+
+def char_logprobs(logits: torch.Tensor, chosen: torch.Tensor, tops: list[int]) -> list[CharLogprob]:
+    """Row i's character chosen[i]: its log-probability under softmax(logits[i]) and the tops[i] likeliest there."""
+    log_probs = torch.log_softmax(logits.float(), dim=1)
+    picked = log_probs.gather(1, chosen[:, None])[:, 0].tolist()
+    values, ids = (t.tolist() for t in log_probs.topk(min(max(tops), log_probs.shape[1]), dim=1))
+    return [CharLogprob(c, lp, list(zip(i[:k], v[:k], strict=True)))
+            for c, lp, i, v, k in zip(chosen.tolist(), picked, ids, values, tops, strict=True)]
 
 
 def held_back(text: str, stop: Sequence[str]) -> int:

@@ -122,7 +122,7 @@ class CompletionRequest(StrictBody):
         try:
             return GenerateRequest(**{k: v for k, v in fields.items() if v is not None or k == "model"})
         except ValidationError as e:
-            raise invalid(renamed(clean_validation_errors(list(e.errors())))) from e
+            raise invalid(clean_validation_errors(list(e.errors()))) from e
 
 
 def renamed(details: list[dict]) -> list[dict]:
@@ -193,9 +193,8 @@ async def completions(body: CompletionRequest, models: ModelsDep, engine: Engine
     except ApiError as e:
         for run in runs:
             run.job.stop()
-        if e.details:
-            e.details = renamed(e.details)
-            e.message = e.message.replace("max_chars", "max_tokens").replace("prefix", "prompt")
+        if e.details:  # a field problem, named as /generate names its fields
+            raise invalid(renamed(e.details)) from e
         raise
     head = {"id": f"cmpl-{secrets.token_hex(12)}", "created": int(time.time()), "model": runs[0].ck.name}
     echoes = [await prompt_logprobs(engine, run, body) for run in runs]
@@ -259,6 +258,7 @@ async def stream(runs: list[Started], echoes: list, body: CompletionRequest, hea
     """Every prompt's chunks as they come (the prompts run side by side), each choice's last with its
     finish_reason; then usage if asked, then [DONE]."""
     queue: asyncio.Queue = asyncio.Queue()
+    offsets = [[0] * body.n for _ in runs]  # characters streamed so far, per prompt and choice
 
     def chunk(index: int, text: str, logprobs: Logprobs | None, finish: str | None) -> str:
         part = CompletionChoice(text=text, index=index, logprobs=logprobs, finish_reason=finish)
@@ -286,7 +286,6 @@ async def stream(runs: list[Started], echoes: list, body: CompletionRequest, hea
             run.job.stop()
             await queue.put(None)
 
-    offsets = [[0] * body.n for _ in runs]
     tasks = [asyncio.create_task(follow(p, run)) for p, run in enumerate(runs)]
     try:
         left = len(tasks)
