@@ -164,7 +164,7 @@ def serving(model_dir: Path, default_model: str | None):
     env = {**os.environ, "LYRICS_MODEL_DIR": str(model_dir), "LYRICS_PORT": str(port), "LYRICS_LOG_LEVEL": "warning"}
     if default_model:
         env["LYRICS_DEFAULT_MODEL"] = default_model
-    server = subprocess.Popen([sys.executable, "-m", "training.cli", "serve"], cwd=ROOT, env=env)
+    server = subprocess.Popen([sys.executable, "-m", "lyrics_cli", "serve"], cwd=ROOT, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120

@@ -51,7 +51,7 @@ PROJECT = ["--cell", "lstm"]
 ABLATIONS = {"no label smoothing": ["--label-smoothing", "0"], "no weight drop": ["--weight-drop", "0"],
              "untied output layer": ["--no-tie-weights"], "constant learning rate": ["--schedule", "constant"]}
 PREFIXES = ("分开", "不分开", "我想")
-LYRICS = [sys.executable, "-m", "training.cli"]
+LYRICS = [sys.executable, "-m", "lyrics_cli"]
 
 
 def run(argv: list[str], out: Path, reuse: bool) -> float:

@@ -33,7 +33,7 @@ DEFAULT_OPTIONS = ["--cell", "gru", "--hidden-size", "256", "--embed-size", "64"
 def command(corpus: str, out: Path, processes: int, threads: int, options: list[str]) -> tuple[list[str], dict]:
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
     argv = (launcher if processes > 1 else [sys.executable]) + [
-        "-m", "training.cli", "train", "--corpus", corpus, "--out", str(out), "--device", "cpu",
+        "-m", "lyrics_cli", "train", "--corpus", corpus, "--out", str(out), "--device", "cpu",
         "--no-progress", "--sample-every", "0", *options]
     return argv, {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
 

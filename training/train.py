@@ -25,9 +25,9 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from tqdm import tqdm
 
 from model_store import kernels
 from model_store.checkpoint import finite_or_none, load_checkpoint, read_metadata, save_checkpoint
@@ -35,6 +35,9 @@ from model_store.generate import generate
 from model_store.model import CharLM, ModelConfig
 from model_store.scoring import score_ids
 from model_store.vocab import Vocabulary
+
+if TYPE_CHECKING:  # imported by train(): the `[train]` extra, which a serving install goes without
+    from tqdm import tqdm
 from training import distributed
 from training.batches import data_iter_consecutive, data_iter_random, num_batches
 from training.corpus import Corpus, CorpusError, load_corpus
@@ -291,6 +294,8 @@ def evaluate(model: CharLM, corpus: Corpus) -> float | None:
 
 
 def train(cfg: TrainConfig, log=None) -> TrainResult:
+    from tqdm import tqdm
+
     main = distributed.is_main()
     log = (log or (lambda msg: tqdm.write(msg, file=sys.stderr))) if main else (lambda msg: None)
     if cfg.sampling not in ("random", "consecutive"):

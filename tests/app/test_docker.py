@@ -21,9 +21,9 @@ from api_helpers import free_port, start_server, stop_server, wait_ready
 
 from app.main import create_app
 from app.settings import Settings
+from lyrics_cli import build_parser
 from model_store.generate import generate
 from model_store.sampling import decoding
-from training.cli import build_parser
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "Dockerfile"
@@ -186,7 +186,10 @@ def test_the_image_entrypoint_serves_requests_in_a_fresh_virtualenv(tmp_path, mo
             replay_copy(*copy_args(value), root, workdir)
         elif keyword == "RUN":
             installed += replay_pip(value, args, venv, workdir)
-    assert any("torch==" in c for c in installed) and any(c.endswith(" .") for c in installed), installed
+    assert any("torch==" in c for c in installed) and any(c.endswith(" .[serve]") for c in installed), installed
+    for training_only in ("tqdm", "matplotlib"):  # the image installs what serving needs, not the [train] extra
+        assert subprocess.run([str(venv / "bin" / "python"), "-c", f"import {training_only}"],
+                              capture_output=True).returncode != 0, f"{training_only} is in the image"
 
     model_mount = root / env["LYRICS_MODEL_DIR"].lstrip("/")
     shutil.rmtree(model_mount, ignore_errors=True)

@@ -12,9 +12,9 @@ from api_helpers import assert_error
 from app.main import create_app
 from app.served import StartupError
 from app.settings import Settings
+from lyrics_cli import main as cli_main
 from model_store import onednn
 from model_store.registry import describe, load_directory
-from training.cli import main as cli_main
 
 pytestmark = pytest.mark.anyio
 

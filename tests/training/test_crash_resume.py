@@ -32,7 +32,7 @@ KILL_SEED = 20240611
 
 
 def train_command(corpus: Path, out: Path, resume: bool = False) -> list[str]:
-    command = [sys.executable, "-m", "training.cli", "train", "--corpus", str(corpus), "--cell", "rnn",
+    command = [sys.executable, "-m", "lyrics_cli", "train", "--corpus", str(corpus), "--cell", "rnn",
                "--out", str(out), "--hidden-size", "16", "--batch-size", "4", "--num-steps", "8",
                "--epochs", str(EPOCHS), "--lr", "0.01", "--seed", "0", "--no-progress", "--sample-every", "0",
                "--device", "cpu"]

@@ -36,7 +36,7 @@ PLAIN = ["--embed-size", "0", "--dropout", "0", "--weight-drop", "0", "--label-s
 def train_command(corpus: Path, out: Path, epochs: int, processes: int = 1, resume: bool = False) -> list[str]:
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
     command = (launcher if processes > 1 else [sys.executable]) + [
-        "-m", "training.cli", "train", "--corpus", str(corpus), "--cell", "rnn", "--out", str(out),
+        "-m", "lyrics_cli", "train", "--corpus", str(corpus), "--cell", "rnn", "--out", str(out),
         "--hidden-size", "16", "--batch-size", "8", "--num-steps", "8", "--epochs", str(epochs), "--lr", "0.01",
         "--seed", "0", "--no-progress", "--sample-every", "2", "--device", "cpu", *PLAIN]
     return command + ["--resume"] if resume else command

@@ -5,10 +5,10 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from lyrics_cli import main
 from model_store.checkpoint import load_checkpoint, read_metadata
 from model_store.mixture import MixtureLM
 from model_store.scoring import score_text
-from training.cli import main
 from training.corpus import load_corpus
 from training.mix import fit_weights
 

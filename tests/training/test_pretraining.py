@@ -7,10 +7,10 @@ import tarfile
 import pytest
 import torch
 
+from lyrics_cli import main
 from model_store.checkpoint import load_checkpoint, read_metadata
 from model_store.model import CharLM, ModelConfig
 from model_store.vocab import Vocabulary
-from training.cli import main
 from training.poetry import build, lyric_lines
 from training.train import TrainConfig, initialise_from, train
 

@@ -419,9 +419,13 @@ def test_flat_positions_pairs_every_position_with_its_target_without_copying(tim
 def test_the_progress_bar_moves_inside_an_epoch_with_batches_characters_per_second_and_time_left(
         tmp_path, corpus_file, tiny_train_config, capsys, monkeypatch):
     """A large corpus's epoch takes minutes: the bar must count its batches as they are done, not once per epoch."""
-    import training.train
-    bar = training.train.tqdm
-    monkeypatch.setattr(training.train, "tqdm", lambda *a, **k: bar(*a, **{**k, "mininterval": 0}))  # draw every update
+    import tqdm
+
+    class EveryUpdate(tqdm.tqdm):  # draws every update
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **{**kwargs, "mininterval": 0})
+
+    monkeypatch.setattr(tqdm, "tqdm", EveryUpdate)  # train() imports it when it runs
     cfg = tiny_train_config(corpus_file, str(tmp_path / "m.safetensors"), epochs=1, progress=True)
     train(cfg, log=lambda msg: None)
     err = capsys.readouterr().err

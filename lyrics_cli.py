@@ -1,34 +1,36 @@
-"""The `lyrics` command line: train, generate, perplexity, models, serve.
+"""The `lyrics` command line, above the three packages it drives: train, mix and poetry-corpus
+(training), generate, perplexity and models (model_store), serve (app).
 
-`generate`, `perplexity` and `models` take `--json` and then print one JSON object, the
-same shape as the service's HTTP answer. Errors print one line to stderr and exit 2.
+Each command imports its package when it runs, so `lyrics serve` loads nothing of training and an
+install without the `[train]` extra still serves. `generate`, `perplexity` and `models` take
+`--json` and then print one JSON object, the same shape as the service's HTTP answer. Errors print
+one line to stderr and exit 2. Under torchrun: `torchrun ... -m lyrics_cli train ...`.
 """
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import json
 import os
-import shlex
-import signal
-import sys
-from pathlib import Path
 
-from model_store.checkpoint import CheckpointError, load_checkpoint
-from model_store.constraints import Constraints
-from model_store.generate import generate
-from model_store.registry import BUNDLED_DIR, LoadedModels, describe, load_directory, resolve, resolve_device
-from model_store.sampling import LYRIC_DEFAULTS, decoding
-from model_store.scoring import score_text
-from model_store.surprisal import surprisal_json
-from model_store.vocab import UnknownCharactersError, normalise_newlines
-from training import distributed
-from training.corpus import CorpusError
-from training.mix import MixConfig, mix
-from training.poetry import PARTS as POETRY_PARTS
-from training.poetry import build as build_poetry_corpus
-from training.train import DEFAULT_LR, RECIPE, TrainConfig, train
+# libgomp (torch's OpenMP runtime) reads this once, when torch loads it, so it is set before any
+# import of torch. Its default spins an idle worker thread for about 300,000 rounds before it
+# sleeps: between the serving engine's small steps the second core then burns in the spin what
+# the event loop needed. 10,000 rounds keep its wake-up as fast within a step (docs/benchmarks.md,
+# "Short requests"). A value in the environment wins.
+os.environ.setdefault("GOMP_SPINCOUNT", "10000")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import shlex  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from model_store.checkpoint import CheckpointError  # noqa: E402
+from model_store.registry import BUNDLED_DIR  # noqa: E402
+from model_store.sampling import LYRIC_DEFAULTS  # noqa: E402
+from model_store.vocab import UnknownCharactersError  # noqa: E402
+from training.corpus import CorpusError  # noqa: E402
+from training.poetry import PARTS as POETRY_PARTS  # noqa: E402
+from training.train import DEFAULT_LR, RECIPE  # noqa: E402
 
 
 def positive_int(text: str) -> int:
@@ -226,6 +228,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def open_model(args):
+    from model_store.checkpoint import load_checkpoint
+    from model_store.registry import load_directory, resolve, resolve_device
+
     device = resolve_device(args.device)
     if args.model is None:
         loaded = load_directory(args.dir, device, pack=True)
@@ -236,6 +241,9 @@ def open_model(args):
 
 
 def cmd_train(args) -> int:
+    from training import distributed
+    from training.train import TrainConfig, train
+
     options = {k: v for k, v in vars(args).items() if k not in ("command", "no_progress", "argv")}
     if options["embed_size"] is None:
         options["embed_size"] = options["hidden_size"]
@@ -254,6 +262,8 @@ def cmd_train(args) -> int:
 
 
 def cmd_mix(args) -> int:
+    from training.mix import MixConfig, mix
+
     options = {k: v for k, v in vars(args).items() if k not in ("command", "argv")}
     summary = mix(MixConfig(**options, command="lyrics " + shlex.join(args.argv)))
     ppl = summary.get("val_perplexity")
@@ -262,7 +272,9 @@ def cmd_mix(args) -> int:
 
 
 def cmd_poetry_corpus(args) -> int:
-    record = build_poetry_corpus(args.package, args.out, args.vocab_from, args.extra_chars, args.parts,
+    from training.poetry import build
+
+    record = build(args.package, args.out, args.vocab_from, args.extra_chars, args.parts,
                                  args.val_frac, command="lyrics " + shlex.join(args.argv))
     print(f"done: {args.out}, {record['lines_kept']:,} of {record['lines_read']:,} lines, {record['chars']:,} "
           f"characters, {record['distinct_chars']:,} distinct")
@@ -270,6 +282,11 @@ def cmd_poetry_corpus(args) -> int:
 
 
 def cmd_generate(args) -> int:
+    from model_store.constraints import Constraints
+    from model_store.generate import generate
+    from model_store.sampling import decoding
+    from model_store.vocab import normalise_newlines
+
     ck = open_model(args)
     params = decoding(args.temperature, args.top_k, args.top_p, args.repetition_penalty, args.no_repeat_ngram,
                       args.no_blank_runs, args.best_of, args.best_of_chars)
@@ -295,6 +312,10 @@ def cmd_generate(args) -> int:
 
 
 def cmd_perplexity(args) -> int:
+    from model_store.scoring import score_text
+    from model_store.surprisal import surprisal_json
+    from model_store.vocab import normalise_newlines
+
     ck = open_model(args)
     text = args.text if args.text is not None else read_text(args.file)
     text = normalise_newlines(text, ck.newlines)
@@ -327,7 +348,9 @@ def print_surprisal(body: dict, span_chars: int) -> None:
 
 
 def cmd_models(args) -> int:
-    loaded: LoadedModels = load_directory(args.dir)
+    from model_store.registry import describe, load_directory
+
+    loaded = load_directory(args.dir)
     infos = [describe(ck, loaded.default) for ck in loaded.models.values()]
     if args.json:
         print(json.dumps({"default": loaded.default, "models": infos, "skipped": loaded.skipped}, ensure_ascii=False))
@@ -346,70 +369,10 @@ def cmd_models(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    # The service is imported here, not at the top: training never depends on app at import time.
-    import uvicorn
-    from pydantic import ValidationError
+    from app.server import OPTIONS, serve
 
-    from app.main import uvicorn_log_config
-    from app.settings import Settings
-
-    GracefulServer = graceful_server_class()
-    for option, env in (("host", "LYRICS_HOST"), ("port", "LYRICS_PORT"), ("model_dir", "LYRICS_MODEL_DIR"),
-                        ("device", "LYRICS_DEVICE"), ("log_level", "LYRICS_LOG_LEVEL"),
-                        ("log_format", "LYRICS_LOG_FORMAT")):
-        value = getattr(args, option)
-        if value is not None:
-            os.environ[env] = str(value)
-    try:
-        settings = Settings()
-    except ValidationError as e:
-        raise ValueError(f"invalid LYRICS_* setting: {e}") from e
-    # On SIGTERM the engines drain first (new requests: 503), then uvicorn stops accepting, waits up to the
-    # graceful timeout for open connections, the lifespan stops the engine and the process exits 0.
-    config = uvicorn.Config("app.main:create_app", factory=True, host=settings.host, port=settings.port,
-                            log_level=settings.log_level, access_log=False,
-                            log_config=uvicorn_log_config(settings.log_format) or uvicorn.config.LOGGING_CONFIG,
-                            timeout_graceful_shutdown=settings.drain_timeout_s)
-    GracefulServer(config).run()
+    serve(**{option: getattr(args, option) for option in OPTIONS})
     return 0
-
-
-def graceful_server_class():
-    import asyncio
-
-    import uvicorn
-
-    from app.main import drain_all
-
-    class GracefulServer(uvicorn.Server):
-        """On SIGTERM, first drain: the engines refuse new work with 503 (and /readyz says so) while
-        the generations in flight finish, up to LYRICS_DRAIN_TIMEOUT_S; only then does uvicorn close
-        its listener and shut down as usual. uvicorn re-raises the SIGTERM it shut down on, so the
-        process would end killed by the signal (exit 143); a completed graceful shutdown exits 0."""
-
-        draining = False
-
-        def handle_exit(self, sig, frame):
-            if sig == signal.SIGTERM and not self.draining and not self.should_exit:
-                self.draining = True
-                loop = asyncio.get_running_loop()  # the signal handler runs on the event loop's thread
-                loop.call_soon_threadsafe(lambda: loop.create_task(self.drain_then_exit(sig, frame)))
-                return
-            super().handle_exit(sig, frame)
-
-        async def drain_then_exit(self, sig, frame):
-            await drain_all(self.config.timeout_graceful_shutdown or 0)
-            super().handle_exit(sig, frame)
-
-        @contextlib.contextmanager
-        def capture_signals(self):
-            with super().capture_signals():
-                yield
-                captured = getattr(self, "_captured_signals", None)
-                if isinstance(captured, list):
-                    captured[:] = [s for s in captured if s != signal.SIGTERM]
-
-    return GracefulServer
 
 
 def read_text(path: str) -> str:
@@ -431,6 +394,10 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except (CheckpointError, CorpusError, UnknownCharactersError, ValueError, FileNotFoundError) as e:
         print(f"lyrics {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as e:  # installed without the extra this command needs
+        extra = "train" if args.command in ("train", "mix", "poetry-corpus") else "serve"
+        print(f"lyrics {args.command}: error: {e}; install lyrics-rnn[{extra}]", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"lyrics {args.command}: interrupted", file=sys.stderr)

@@ -1,6 +1,7 @@
 import argparse
 import json
 import math
+import os
 import random
 import shlex
 import shutil
@@ -10,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
+from lyrics_cli import build_parser, main
 from model_store.checkpoint import read_metadata, save_checkpoint
 from model_store.constraints import Constraints
 from model_store.generate import generate
 from model_store.sampling import decoding
 from model_store.scoring import score_text
-from training.cli import build_parser, main
 
 TINY = ["--hidden-size", "16", "--num-steps", "8", "--batch-size", "4", "--epochs", "2", "--lr", "0.01",
         "--sample-every", "0", "--no-progress"]
@@ -369,7 +370,7 @@ def test_generate_with_impossible_constraints_exits_2(capsys, model_dir):
 
 def test_generate_into_a_pipe_closed_early_ends_without_a_traceback(model_dir):
     """`lyrics generate ... | head -1`: the reader leaves long before 64 continuations (~100 kB) are written."""
-    process = subprocess.Popen([sys.executable, "-m", "training.cli", "generate", "--dir", str(model_dir), "--model",
+    process = subprocess.Popen([sys.executable, "-m", "lyrics_cli", "generate", "--dir", str(model_dir), "--model",
                                 "rnn", "--prefix", "分开", "--max-chars", "500", "-n", "64", "--temperature", "1"],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     process.stdout.read(10)
@@ -377,3 +378,48 @@ def test_generate_into_a_pipe_closed_early_ends_without_a_traceback(model_dir):
     err = process.stderr.read().decode()
     assert process.wait(timeout=60) == 141
     assert "Traceback" not in err
+
+
+# layering ---------------------------------------------------------------------------------------
+
+
+def loaded_packages(code: str, env: dict | None = None) -> set[str]:
+    """The top-level project packages a fresh interpreter has imported after running `code`."""
+    probe = code + "\nimport sys; print(sorted({m.split('.')[0] for m in sys.modules} & {'app', 'training'}))"
+    out = subprocess.run([sys.executable, "-c", probe], check=True, capture_output=True, text=True, timeout=120,
+                         env=env).stdout
+    return set(json.loads(out.strip().splitlines()[-1].replace("'", '"')))
+
+
+def test_packages_import_downward_only():
+    """app -> model_store <- training, with the command line above them: it loads the service only to
+    serve, and neither package loads the other."""
+    assert loaded_packages("import lyrics_cli; lyrics_cli.build_parser()") == {"training"}
+    assert loaded_packages("import app.main, app.server") == {"app"}
+    assert loaded_packages("import training.train, training.mix, training.poetry, training.distributed") == {"training"}
+    assert loaded_packages("import model_store.generate, model_store.registry, model_store.mixture") == set()
+
+
+def test_the_command_line_works_without_the_train_extra(model_dir):
+    """A serving install (`lyrics-rnn[serve]`) has neither tqdm nor matplotlib: the model commands still run,
+    and `train` says which extra it needs instead of a traceback."""
+    code = f"""
+import sys
+sys.modules["tqdm"] = sys.modules["matplotlib"] = None  # as if not installed
+from lyrics_cli import main
+assert main(["models", "--dir", {str(model_dir)!r}]) == 0
+assert main(["train", "--corpus", "c.txt", "--cell", "rnn", "--out", "x.safetensors"]) == 2
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "rnn (default): rnn 1x" in done.stdout
+    assert "lyrics train: error: " in done.stderr and "install lyrics-rnn[train]" in done.stderr
+
+
+def test_the_command_line_shortens_openmp_spinning_unless_told():
+    env = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"}
+    code = "import os, lyrics_cli, torch; print(os.environ['GOMP_SPINCOUNT'])"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                          check=True).stdout.strip() == "10000"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                          env={**env, "GOMP_SPINCOUNT": "500"}).stdout.strip() == "500"
