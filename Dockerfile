@@ -18,8 +18,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /app
 
-# a C compiler for the fused recurrent-cell kernels (model_store/kernels.py), which are built on
-# first use for the CPU the container runs on; without it the cells run as slower torch ops
+# a C compiler for the fused recurrent-cell kernels (model_store/kernels.c), built when the package
+# is installed (setup.py); without it the cells run as slower torch ops
 # hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends gcc libc6-dev \
@@ -28,12 +28,14 @@ RUN apt-get update \
 # torch first, from its own index: the largest layer, rebuilt only when its version changes
 RUN pip install --no-cache-dir --index-url "${TORCH_INDEX}" "torch==${TORCH_VERSION}"
 
-# the project, without the checkpoints (they go to /models below)
-COPY pyproject.toml README.md ./
+# the project, without the checkpoints (they go to /models below), with what serving needs only
+COPY pyproject.toml setup.py README.md lyrics_cli.py ./
 COPY app/ ./app/
 COPY training/ ./training/
-COPY model_store/*.py model_store/kernels.c ./model_store/
-RUN pip install --no-cache-dir . \
+COPY model_store/*.py model_store/*.c ./model_store/
+# the versions are pinned in pyproject.toml; installing builds the C kernels (setup.py)
+# hadolint ignore=DL3013
+RUN pip install --no-cache-dir ".[serve]" \
     && useradd --create-home --uid 10001 --shell /usr/sbin/nologin lyrics
 
 COPY --chown=10001:10001 model_store/checkpoints/ /models/
@@ -42,9 +44,7 @@ USER 10001
 
 # Mount your own checkpoints over /models (or point LYRICS_MODEL_DIR elsewhere):
 #   docker run -v "$PWD/my-models:/models:ro" -p 8000:8000 lyrics
-# the kernels' build cache in /tmp: writable even where the root filesystem is read-only (deploy/k8s)
 ENV LYRICS_MODEL_DIR=/models \
-    LYRICS_KERNEL_CACHE=/tmp/lyrics-kernels \
     LYRICS_HOST=0.0.0.0 \
     LYRICS_PORT=8000 \
     LYRICS_DEVICE=auto

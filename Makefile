@@ -9,7 +9,8 @@ PREFIX ?= 分开
 
 .PHONY: install run test lint format bench-train models clean
 
-$(STAMP): pyproject.toml
+# setup.py builds the C kernels at install: a change to them reinstalls
+$(STAMP): pyproject.toml setup.py model_store/kernels.c model_store/kernels_module.c
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check torch==2.13.0
 	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[dev]"
@@ -23,6 +24,8 @@ run: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest
+	# the service again on the torch fallback, end to end: what a machine without the kernels runs
+	LYRICS_KERNELS=0 $(PY) -m pytest -q tests/app
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import time
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
+
+from model_store import kernels
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 WAIT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -44,6 +46,8 @@ class Metrics:
         self.batch_rows = Histogram("lyrics_batch_rows", "Rows stepped together, one observation per batch step "
                                     "(batch occupancy), by model", ["model"], buckets=ROW_BUCKETS, registry=r)
         self.errors = Counter("lyrics_errors", "Error answers by type (the error body's type)", ["type"], registry=r)
+        Info("lyrics_kernels", "Which build of the C kernels runs the CPU cells (none: torch ops)",
+             registry=r).info({"build": kernels.build_name()})
 
     def watch(self, engine, models_loaded: int) -> None:
         """Read the engine's live counts at scrape time."""

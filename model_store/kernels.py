@@ -1,4 +1,4 @@
-"""The fused loops of kernels.c: compiled on first use, called through ctypes.
+"""The fused loops of kernels.c: built at install (setup.py), the widest build the CPU runs imported once.
 
 A recurrent layer's step is one matmul and then a dozen element-wise torch ops (twenty in its
 backward) on small (batch, hidden) tensors, each paying torch's per-op overhead: at batch 32 and
@@ -8,159 +8,69 @@ training, the steps' products too, all steps of a layer in one call (`recurrence
 `recurrence_backward`). Also here: the one-hot input gates (`OneHotGates`), the training loss
 (`CrossEntropy`), and the generation path's step, argmax, seen marks and sampler rounds.
 
-The C file is compiled once per machine with the system's C compiler (`$CC`, else `cc`),
-optimised for the CPU it runs on, into `$LYRICS_KERNEL_CACHE` (default
-`~/.cache/lyrics-kernels`), named by a hash of the source, the flags and the CPU, and written
-atomically. Without a compiler, or with `LYRICS_KERNELS=0`, or for anything but float32 on a
-CPU, the cells run as torch ops (cells.py): the same equations, slower. Under bfloat16 autocast
-the matmuls run in bfloat16 as autocast has them, and the step arithmetic in float32, as the torch
+The C file is built when the package is installed (setup.py), with its bindings
+(kernels_module.c), into one extension module per vector width; the widest the CPU runs is
+imported once, with this module, and logged. Where none was built (no compiler at install, a
+platform without OpenMP), with `LYRICS_KERNELS=0`, or for anything but float32 on a CPU, the
+cells run as torch ops (cells.py): the same equations, slower. Under bfloat16 autocast the
+matmuls run in bfloat16 as autocast has them, and the step arithmetic in float32, as the torch
 cells' would.
 """
 
 from __future__ import annotations
 
 import array
-import ctypes
-import hashlib
+import importlib
 import logging
 import os
-import platform
-import shutil
-import subprocess
-import tempfile
-import threading
-from pathlib import Path
+from types import ModuleType
 
 import numpy
-import torch
+import torch  # first: the kernels' OpenMP calls resolve to the libgomp torch loads
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("kernels.c")
-# -ffast-math lets gcc call glibc's vectorised expf/tanhf (libmvec); no peeling for alignment
-# keeps each element's code path a function of its column alone (see kernels.c). The link step
-# goes without -ffast-math: with it gcc links crtfastmath.o, whose start-up code switches the
-# whole process to flushing subnormal floats to zero.
-FLAGS = ["-O3", "-ffast-math", "-march=native", "--param", "vect-max-peeling-for-alignment=0", "-fPIC"]
-LIBS = ["-lmvec", "-lm"]
 SAVED_WIDTH = {"rnn": 0, "gru": 4, "lstm": 5}  # columns of `saved` per step, in units of hidden size
 CELLS = {"rnn": 0, "gru": 1, "lstm": 2}  # kernels.c's cell numbers
 GATES = {"rnn": 1, "gru": 3, "lstm": 4}  # gate blocks side by side in each cell's weights
 
-_lock = threading.Lock()
-_library: ctypes.CDLL | None = None
-_tried = False
+# the builds setup.py makes, widest first, with the x86-64 level (kernels_module.c, cpu_level) each needs
+BUILDS = [("x86_64_v4", 4), ("x86_64_v3", 3), ("baseline", 0)]
 
 
-def _cpu_signature() -> str:
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return platform.machine()
-    return platform.machine() + "".join(line for line in lines if line.startswith(("model name", "flags")))[:4000]
-
-
-def _openmp() -> tuple[list[str], list[str]] | None:
-    """Compile and link flags that run the kernels' OpenMP loops on torch's own OpenMP runtime, the
-    libgomp its wheel ships: the same thread pool, and the thread count `torch.set_num_threads`
-    sets. None where torch ships none (the kernels then build without OpenMP, the loops serial):
-    a second OpenMP runtime would keep a second pool of threads spinning on the same cores."""
-    runtime = sorted((Path(torch.__file__).parent / "lib").glob("libgomp*.so*"))
-    if not runtime:
+def load() -> ModuleType | None:
+    """The widest build of the kernels this CPU runs, or None (the reason logged)."""
+    if os.environ.get("LYRICS_KERNELS", "1") == "0":
+        log.info("fused kernels switched off (LYRICS_KERNELS=0): the cells run as torch ops")
         return None
-    return ["-fopenmp"], [str(runtime[0]), f"-Wl,-rpath,{runtime[0].parent}", "-Wl,--no-undefined"]
-
-
-def _build(compiler: str, flags: list[str], libs: list[str]) -> Path:
-    """The library built from kernels.c with these flags, from the cache or compiled into it."""
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join(flags + libs).encode() + _cpu_signature().encode()).hexdigest()[:16]
-    cache = Path(os.environ.get("LYRICS_KERNEL_CACHE") or Path.home() / ".cache" / "lyrics-kernels")
-    target = cache / f"kernels-{key}.so"
-    if target.exists():
-        return target
-    cache.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=cache, suffix=".so")
-    os.close(fd)
-    obj = tmp[:-3] + ".o"
     try:
-        for command in ([compiler, *flags, "-c", str(SOURCE), "-o", obj],
-                        [compiler, "-shared", obj, "-o", tmp, *libs]):
-            subprocess.run(command, check=True, capture_output=True, text=True, timeout=120)
-        os.replace(tmp, target)  # atomic: another process sees the whole library or none
-    except subprocess.CalledProcessError as exc:
-        raise OSError(f"{compiler} failed: {exc.stderr.strip()[-500:]}") from exc
-    finally:
-        for path in (tmp, obj):
-            if os.path.exists(path):
-                os.unlink(path)
-    return target
-
-
-def _compile() -> ctypes.CDLL:
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if not compiler:
-        raise OSError("no C compiler (cc, gcc or $CC) found")
-    openmp = _openmp()
-    try:
-        target = _build(compiler, FLAGS + openmp[0], openmp[1] + LIBS) if openmp else None
-    except OSError as exc:  # a compiler without OpenMP, or another OpenMP ABI (clang's)
-        log.info("kernels build without OpenMP: %s", exc)
-        target = None
-    target = target or _build(compiler, FLAGS, LIBS)
-    # PyDLL: the calls keep the GIL. They are short, and a thread that lets go of the GIL waits to get
-    # it back for as long as another thread runs Python: a server's scheduler thread, stepping the
-    # batch while the event loop handles requests, paid that wait at every call.
-    library = ctypes.PyDLL(str(target))
-    pointers = {"rnn_forward": 3, "rnn_backward": 4, "gru_forward": 5, "gru_backward": 8,
-                "lstm_forward": 6, "lstm_backward": 7}
-    for name, count in pointers.items():
-        getattr(library, name).argtypes = [ctypes.c_long, ctypes.c_long] + [ctypes.c_void_p] * count
-    library.cross_entropy.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_float,
-                                      ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
-    library.cell_step.argtypes = [ctypes.c_int, ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p,
-                                  ctypes.c_long] + [ctypes.c_void_p] * 5
-    library.cell_step.restype = ctypes.c_long
-    library.mark_seen.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]
-    library.mark_seen.restype = ctypes.c_long
-    library.argmax_rows.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]
-    library.sample_rows.argtypes = ([ctypes.c_long, ctypes.c_long] + [ctypes.c_void_p] * 6 + [ctypes.c_int]
-                                    + [ctypes.c_void_p] * 4)
-    library.onehot_gates.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_long] + [ctypes.c_void_p] * 4
-    library.onehot_gates.restype = ctypes.c_long
-    library.onehot_gates_backward.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_long] + [ctypes.c_void_p] * 4
-    library.pack_panels.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_long, ctypes.c_long,
-                                    ctypes.c_void_p]
-    library.recurrence_forward.argtypes = ([ctypes.c_int, ctypes.c_long, ctypes.c_long, ctypes.c_long]
-                                           + [ctypes.c_void_p] * 9 + [ctypes.c_int])
-    library.recurrence_backward.argtypes = ([ctypes.c_int, ctypes.c_long, ctypes.c_long, ctypes.c_long]
-                                            + [ctypes.c_void_p] * 12)
-    library.history_cache.argtypes = [ctypes.c_long] * 5 + [ctypes.c_void_p] * 3
-    library.history_cache.restype = ctypes.c_long
-    library.mix_log_probs.argtypes = [ctypes.c_long] * 2 + [ctypes.c_void_p] * 5
-    library.ngram_distributions.argtypes = [ctypes.c_long] * 4 + [ctypes.c_void_p] * 10
-    library.ngram_distributions.restype = ctypes.c_long
-    for name in [*pointers, "cross_entropy", "argmax_rows", "sample_rows", "onehot_gates_backward", "pack_panels",
-                 "recurrence_forward", "recurrence_backward", "mix_log_probs"]:
-        getattr(library, name).restype = None
-    return library
-
-
-def library() -> ctypes.CDLL | None:
-    """The compiled kernels, or None where they cannot be built (logged once) or are switched off."""
-    global _library, _tried
-    if not ENABLED:
+        level = importlib.import_module("model_store._kernels_baseline").cpu_level()
+    except ImportError as exc:
+        log.warning("fused kernels not built (%s): the cells run as torch ops", exc)
         return None
-    if _tried:
-        return _library
-    with _lock:
-        if not _tried:
-            _tried = True
+    for name, needed in BUILDS:
+        if level >= needed:
             try:
-                _library = _compile()
-            except (OSError, subprocess.SubprocessError) as exc:
-                log.warning("fused cell kernels unavailable, the cells run as torch ops: %s", exc)
-    return _library
+                module = importlib.import_module(f"model_store._kernels_{name}")
+            except ImportError:  # not built for this platform
+                continue
+            log.info("fused kernels: %s build (CPU level x86-64-v%d)", name, level)
+            return module
+    return None
+
+
+_library = load()
+
+
+def library() -> ModuleType | None:
+    """The kernels' extension module, or None where none was built or they are switched off."""
+    return _library if ENABLED else None
+
+
+def build_name() -> str:
+    """The build in use (baseline, x86_64_v3, x86_64_v4), or none: what /metrics reports."""
+    module = library()
+    return module.__name__.rsplit("_kernels_", 1)[1] if module else "none"
 
 
 def applies(*tensors: torch.Tensor | None) -> bool:
@@ -402,7 +312,7 @@ class Sampler:
     first round computes each row's weights (unnormalised probabilities) and the running sums of
     its blocks of 64, later rounds redraw the rejected rows from them (see kernels.c,
     `sample_rows`). The small per-row arrays and the buffers are Python arrays and numpy, not
-    tensors: every torch call lets go of the GIL and waits to get it back (see `_compile`), and a
+    tensors: every torch call lets go of the GIL and waits to get it back (see kernels_module.c), and a
     batch makes these once a step."""
 
     def __init__(self, logits: torch.Tensor, temperature, top_k, top_p):
@@ -511,4 +421,4 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: 
     return ((1 - label_smoothing) * nll - label_smoothing * log_probs.mean() if label_smoothing else nll), nll
 
 
-ENABLED = os.environ.get("LYRICS_KERNELS", "1") != "0"  # tests switch it off to compare with the torch cells
+ENABLED = _library is not None  # tests switch it off to compare with the torch cells

@@ -123,8 +123,9 @@ LYRICS = str(Path(sys.executable).parent / "lyrics")
 
 
 def clean_env(**extra: str) -> dict[str, str]:
-    """This process's environment without LYRICS_* settings, plus `extra`."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LYRICS_")}
+    """This process's environment without LYRICS_* settings (but LYRICS_KERNELS: a run of the suite with
+    the kernels off runs its servers so), plus `extra`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LYRICS_") or k == "LYRICS_KERNELS"}
     return {**env, **extra}
 
 

@@ -1,7 +1,11 @@
-"""The fused C cell steps (model_store/kernels.c): built once, the same equations as cells.py,
-and a clean fallback to torch ops where they cannot be built."""
+"""The fused C kernels (model_store/kernels.c), built at install into one module per vector width:
+each build the CPU runs computes the same equations as cells.py and torch, and without a build the
+cells fall back to torch ops, logged."""
 
+import importlib
 import logging
+import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,19 +14,71 @@ import torch
 from model_store import cells, kernels, onednn
 
 
-@pytest.fixture
-def built():
-    if kernels.library() is None:
-        pytest.skip("the C kernels could not be built here (no C compiler?)")
+def runnable_builds() -> list[str]:
+    """The builds setup.py made here that this CPU runs."""
+    try:
+        level = importlib.import_module("model_store._kernels_baseline").cpu_level()
+    except ImportError:
+        return []
+    names = []
+    for name, needed in kernels.BUILDS:
+        try:
+            importlib.import_module(f"model_store._kernels_{name}")
+        except ImportError:
+            continue
+        if level >= needed:
+            names.append(name)
+    return names
 
 
-@pytest.fixture
-def fresh_build(monkeypatch, tmp_path):
-    """kernels.py as in a new process, with its cache in tmp_path."""
-    monkeypatch.setattr(kernels, "_tried", False)
+@pytest.fixture(params=runnable_builds() or ["none"])
+def built(request, monkeypatch):
+    """Each build of the kernels this CPU runs, in turn, as the one kernels.py uses."""
+    if request.param == "none":
+        if os.environ.get("CI"):
+            pytest.fail("the C kernels were not built at install: CI must test them (.ci/run installs gcc)")
+        pytest.skip("the C kernels were not built at install (no C compiler?)")
+    monkeypatch.setattr(kernels, "_library", importlib.import_module(f"model_store._kernels_{request.param}"))
+    monkeypatch.setattr(kernels, "ENABLED", True)
+    return request.param
+
+
+def test_the_widest_build_the_cpu_runs_is_the_one_loaded():
+    builds = runnable_builds()
+    if not builds:
+        pytest.skip("the C kernels were not built at install")
+    assert kernels.load().__name__ == f"model_store._kernels_{builds[0]}"
+    if importlib.import_module("model_store._kernels_baseline").cpu_level() >= 3:
+        assert builds[0] != "baseline"  # setup.py builds the wider x86-64 levels
+
+
+def test_without_a_build_the_cells_run_as_torch_ops_and_say_so(monkeypatch, make_model, caplog):
+    monkeypatch.setitem(sys.modules, "model_store._kernels_baseline", None)  # as if the build had failed
+    with caplog.at_level(logging.WARNING, logger="model_store.kernels"):
+        assert kernels.load() is None
+    assert "not built" in caplog.text and "torch ops" in caplog.text
     monkeypatch.setattr(kernels, "_library", None)
-    monkeypatch.setenv("LYRICS_KERNEL_CACHE", str(tmp_path / "cache"))
-    return tmp_path / "cache"
+    monkeypatch.setattr(kernels, "ENABLED", False)
+    assert not kernels.applies(torch.zeros(1))
+    inputs = torch.randint(0, 12, (3, 8), generator=torch.Generator().manual_seed(1))
+    model = make_model("gru", num_layers=2, embed_size=0).train()
+    logits, _ = model(inputs)
+    logits.sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_lyrics_kernels_0_switches_them_off(monkeypatch, caplog):
+    monkeypatch.setenv("LYRICS_KERNELS", "0")
+    with caplog.at_level(logging.INFO, logger="model_store.kernels"):
+        assert kernels.load() is None
+    assert "LYRICS_KERNELS=0" in caplog.text
+
+
+def test_a_binding_refuses_the_wrong_arguments_instead_of_reading_memory(built):
+    with pytest.raises(TypeError):
+        kernels.library().argmax_rows(1, 4, 0)  # one argument short
+    with pytest.raises(TypeError):
+        kernels.library().argmax_rows(1, 4, "not an address", None)
 
 
 def test_loading_the_kernels_leaves_subnormal_floats_alone(built):
@@ -47,29 +103,6 @@ def test_a_layer_forward_equals_the_torch_cell_equations(built, cell):
             torch.testing.assert_close(hs[t], H, rtol=1e-5, atol=1e-6)
         if cell == "lstm":
             torch.testing.assert_close(c_last, C, rtol=1e-5, atol=1e-6)
-
-
-def test_kernels_are_built_once_into_the_cache(fresh_build):
-    if kernels.library() is None:
-        pytest.skip("the C kernels could not be built here (no C compiler?)")
-    built = list(fresh_build.glob("kernels-*.so"))
-    assert len(built) == 1 and not list(fresh_build.glob("*.o"))  # no leftovers
-    mtime = built[0].stat().st_mtime_ns
-    kernels._tried = False
-    assert kernels.library() is not None
-    assert built[0].stat().st_mtime_ns == mtime  # reused, not rebuilt
-
-
-def test_without_a_compiler_the_cells_run_as_torch_ops(fresh_build, monkeypatch, make_model, caplog):
-    monkeypatch.setenv("CC", "/nonexistent/cc")
-    inputs = torch.randint(0, 12, (3, 8), generator=torch.Generator().manual_seed(1))
-    model = make_model("gru", num_layers=2, embed_size=0).train()
-    with caplog.at_level(logging.WARNING, logger="model_store.kernels"):
-        assert not kernels.applies(torch.zeros(1))
-    assert "torch ops" in caplog.text and "/nonexistent/cc" in caplog.text
-    logits, _ = model(inputs)
-    logits.sum().backward()
-    assert all(p.grad is not None for p in model.parameters())
 
 
 def test_kernels_apply_to_float32_on_a_cpu_only(built):
@@ -240,9 +273,9 @@ def test_the_loss_and_the_input_gates_do_not_depend_on_the_thread_count(built):
 
 def test_the_kernels_run_on_torchs_own_openmp_runtime(built):
     maps = Path("/proc/self/maps")
-    if not maps.exists() or kernels._openmp() is None:
-        pytest.skip("no /proc, or torch ships no libgomp here")
-    assert b"libgomp" in Path(kernels.library()._name).read_bytes()  # built with OpenMP, not the serial fallback
+    if not maps.exists():
+        pytest.skip("no /proc")
+    assert kernels.library().openmp()  # built with OpenMP, not serial
     loaded = {line.split()[-1] for line in maps.read_text().splitlines() if "libgomp" in line}
     assert len(loaded) == 1  # not a second runtime with a second pool of threads
 
