@@ -7,13 +7,16 @@ STAMP  := $(VENV)/.installed
 CORPUS ?= ../shared/data/jaychou_lyrics.txt
 PREFIX ?= 分开
 
-.PHONY: install run test lint format bench-train models clean
+.PHONY: install run test lint format bench-train models clean lock
 
-# setup.py builds the C kernels at install: a change to them reinstalls
-$(STAMP): pyproject.toml setup.py model_store/kernels.c model_store/kernels_module.c
+# Dependencies come from the lock file (exact versions with hashes, `make lock`), torch first (its
+# CPU build, which the lock leaves out: CPU and CUDA builds differ by index); then the project itself,
+# whose install builds the C kernels (setup.py): a change to them reinstalls.
+$(STAMP): pyproject.toml requirements-dev.txt setup.py model_store/kernels.c model_store/kernels_module.c
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check torch==2.13.0
-	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[dev]"
+	$(PY) -m pip install --quiet --disable-pip-version-check --require-hashes -r requirements-dev.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -e .
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -35,6 +38,18 @@ format: $(STAMP)
 
 bench-train: $(STAMP)
 	$(PY) bench/train_speed.py --corpus $(CORPUS) --ppl-seeds 5
+
+# Re-resolve the lock files from pyproject.toml's ranges (the lowest versions they allow: the ones
+# tested): requirements-serve.txt for the image, requirements-dev.txt for everything else. torch is
+# resolved as its CPU build, found at TORCH_LINKS (/opt/wheels on the project's build machines).
+TORCH_LINKS ?= https://download.pytorch.org/whl/cpu/torch/
+lock: $(STAMP)
+	printf 'torch==2.13.0+cpu\n' > $(VENV)/torch-cpu.txt
+	for extra in serve dev; do \
+		$(VENV)/bin/uv pip compile pyproject.toml --extra $$extra --resolution lowest-direct --generate-hashes \
+			--python-version 3.11 --find-links $(TORCH_LINKS) --override $(VENV)/torch-cpu.txt \
+			--no-emit-package torch --quiet -o requirements-$$extra.txt || exit 1; \
+	done
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
