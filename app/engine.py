@@ -56,6 +56,13 @@ class EngineTimeout(Exception):
     """The work ran past the request deadline and was stopped."""
 
 
+class EngineStopped(Exception):
+    """The engine stopped (shutdown) before the work was done."""
+
+
+ENGINE_ERRORS = (EngineBusy, EngineTimeout, EngineStopped)  # what submit, wait and iteration raise
+
+
 class Job:
     """One submitted generation: iterate it for deltas; closing it stops the generation."""
 
@@ -81,7 +88,7 @@ class Job:
             while (item := await self.queue.get()) is not _END:
                 yield item
             if self.cancelled:
-                raise EngineBusy("the server is shutting down")
+                raise EngineStopped("the server is shutting down")
             if self.error is not None:
                 raise self.error
             if self.timed_out:
@@ -279,7 +286,7 @@ class Engine:
         return self.pending <= 0
 
     def stop(self) -> None:
-        """Stop the schedulers; running jobs end as cancelled, waiting ones with EngineBusy."""
+        """Stop the schedulers; running and waiting jobs end as cancelled (EngineStopped)."""
         if self.executor is None:
             return
         with self.wake:

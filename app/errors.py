@@ -24,6 +24,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
+from app.engine import EngineBusy, EngineStopped, EngineTimeout
+
 log = logging.getLogger("app.errors")
 
 TYPES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed", 408: "timeout",
@@ -38,6 +40,20 @@ class ApiError(Exception):
                  headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.type, self.message, self.details, self.headers = status, type, message, details, headers
+
+
+def engine_error(e: BaseException) -> ApiError:
+    """What a client is told when the engine refused or stopped its work, the one mapping every route
+    uses: full (503 busy, retry after a second; 429 under /v1/), past the request deadline (504),
+    stopped by a shutdown (503); anything else is the server's fault (500, logged)."""
+    if isinstance(e, EngineBusy):
+        return ApiError(503, "busy", str(e), headers={"Retry-After": "1"})
+    if isinstance(e, EngineTimeout):
+        return ApiError(504, "timeout", f"{e}: lower max_chars or n (LYRICS_REQUEST_TIMEOUT_S)")
+    if isinstance(e, EngineStopped):
+        return ApiError(503, "unavailable", str(e))
+    log.error("generation failed", exc_info=e)
+    return ApiError(500, "internal_error", "the generation failed; it has been logged")
 
 
 def error_body(type: str, message: str, details: list[dict] | None = None) -> dict:

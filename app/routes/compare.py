@@ -16,8 +16,8 @@ from fastapi import APIRouter
 from pydantic import ValidationError
 
 from app.deps import EngineDep, MetricsDep, ModelsDep, SettingsDep
-from app.engine import Engine, EngineBusy, EngineTimeout, Job
-from app.errors import ApiError, invalid
+from app.engine import ENGINE_ERRORS, Engine, Job
+from app.errors import ApiError, engine_error, invalid
 from app.routes.generate import prepare_prefix
 from app.routes.perplexity import scorable_text, score_fields
 from app.schemas import BODY_ERRORS, CompareRequest, CompareResponse, CompareResult, ErrorBody, Provenance
@@ -79,10 +79,11 @@ async def compare(body: CompareRequest, models: ModelsDep, engine: EngineDep, se
         async with asyncio.TaskGroup() as group:
             generated = [group.create_task(finished(job, start)) for job, start in jobs]
             scored = [group.create_task(score(engine, e, body.unknown)) for e in entries]
-    except EngineBusy as e:
-        raise busy(e) from e
+    except ENGINE_ERRORS as e:
+        raise engine_error(e) from e
     except ExceptionGroup as group_error:  # the first failure; the group has cancelled the rest
-        raise client_error(group_error.exceptions[0]) from group_error
+        first = group_error.exceptions[0]
+        raise (engine_error(first) if isinstance(first, ENGINE_ERRORS) else first) from group_error
     finally:
         for job, _ in jobs:  # a failure elsewhere stops the generations still running
             job.stop()
@@ -144,18 +145,6 @@ async def score(engine: Engine, entry: Entry, unknown: str) -> tuple[Score | Non
     start = time.perf_counter()
     s = await engine.run(score_text, entry.ck.model, entry.ck.vocab, entry.text, unknown)
     return s, (time.perf_counter() - start) * 1000
-
-
-def busy(e: EngineBusy) -> ApiError:
-    return ApiError(503, "busy", str(e), headers={"Retry-After": "1"})
-
-
-def client_error(error: BaseException) -> BaseException:
-    if isinstance(error, EngineBusy):
-        return busy(error)
-    if isinstance(error, EngineTimeout):
-        return ApiError(504, "timeout", f"{error}: lower max_chars (LYRICS_REQUEST_TIMEOUT_S)")
-    return error
 
 
 def provenance(ck: Checkpoint) -> Provenance:

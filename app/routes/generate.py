@@ -11,8 +11,8 @@ from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
 
 from app.deps import EngineDep, MetricsDep, ModelsDep, SettingsDep, StateCodecDep
-from app.engine import Engine, EngineBusy, EngineTimeout, Job
-from app.errors import ApiError, error_body, invalid
+from app.engine import ENGINE_ERRORS, Engine, Job
+from app.errors import ApiError, engine_error, error_body, invalid
 from app.inputs import drop_unknown, model_text, unknown_error
 from app.metrics import Metrics
 from app.schemas import BODY_ERRORS, Choice, ErrorBody, GenerateRequest, GenerateResponse, GenerateUsage
@@ -117,8 +117,8 @@ def start(body: GenerateRequest, models: ServedModels, engine: Engine, settings:
     seal = sealer(codec, ck) if body.return_state and codec is not None else None
     try:
         job = engine.submit(generation, stream=body.stream, label=ck.name)
-    except EngineBusy as e:
-        raise ApiError(503, "busy", str(e), headers={"Retry-After": "1"}) from e
+    except ENGINE_ERRORS as e:
+        raise engine_error(e) from e
     return Started(job, ck, prefix, skipped, missing, seal)
 
 
@@ -126,18 +126,8 @@ async def finished(job: Job) -> list[Completion]:
     """The job's completions once it is done; its timeout or cancellation as an ApiError."""
     try:
         return await job.wait()
-    except (EngineTimeout, EngineBusy) as e:
+    except ENGINE_ERRORS as e:
         raise engine_error(e) from e
-
-
-def engine_error(e: Exception) -> ApiError:
-    """What a client is told when the engine stopped its work: a timeout (504) or a shutdown (503)."""
-    if isinstance(e, EngineTimeout):
-        return ApiError(504, "timeout", f"{e}: lower max_chars or n (LYRICS_REQUEST_TIMEOUT_S)")
-    if isinstance(e, EngineBusy):
-        return ApiError(503, "unavailable", str(e))
-    log.error("generation failed", exc_info=e)
-    return ApiError(500, "internal_error", "the generation failed; it has been logged")
 
 
 def open_state(body: GenerateRequest, models: ServedModels,

@@ -26,9 +26,9 @@ from pydantic_core import PydanticCustomError
 
 from app.deps import EngineDep, MetricsDep, ModelsDep, SettingsDep
 from app.engine import Engine
-from app.errors import ApiError, clean_validation_errors, invalid, openai_error
+from app.errors import ApiError, clean_validation_errors, engine_error, invalid, openai_error
 from app.metrics import Metrics
-from app.routes.generate import Started, engine_error, finished, sse, start
+from app.routes.generate import Started, finished, sse, start
 from app.schemas import MAX_LOGPROBS, MAX_SEED, Constraints, GenerateRequest, StrictBody
 from app.settings import Settings
 from model_store.checkpoint import Checkpoint

@@ -7,8 +7,8 @@ import math
 from fastapi import APIRouter
 
 from app.deps import EngineDep, MetricsDep, ModelsDep, SettingsDep
-from app.engine import EngineBusy
-from app.errors import ApiError, invalid
+from app.engine import ENGINE_ERRORS
+from app.errors import engine_error, invalid
 from app.inputs import drop_unknown, model_text, unknown_error
 from app.schemas import BODY_ERRORS, ErrorBody, PerplexityRequest, PerplexityResponse, TextScore
 from model_store.checkpoint import Checkpoint, finite_or_none
@@ -50,8 +50,8 @@ async def perplexity(body: PerplexityRequest, models: ModelsDep, engine: EngineD
     texts, missing = prepare_texts(ck, body)
     try:
         scores = await engine.run(score_all, ck, texts, body.unknown, body.per_char)
-    except EngineBusy as e:
-        raise ApiError(503, "busy", str(e), headers={"Retry-After": "1"}) from e
+    except ENGINE_ERRORS as e:
+        raise engine_error(e) from e
     results = [TextScore(index=i, **score_fields(s, missing[i]),
                          **(surprisal_json(s, body.top_spans, body.span_chars) if body.per_char else {}))
                for i, s in enumerate(scores)]

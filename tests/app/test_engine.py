@@ -9,7 +9,7 @@ import anyio
 import pytest
 import torch
 
-from app.engine import Engine, EngineBusy, EngineTimeout
+from app.engine import Engine, EngineBusy, EngineStopped, EngineTimeout
 from model_store.generate import Generation, generate
 from model_store.sampling import SamplingParams
 
@@ -115,7 +115,7 @@ async def test_stop_ends_every_job(checkpoints):
     engine.stop()
     assert not engine.running and engine.in_flight == 0
     await running.wait()
-    with pytest.raises(EngineBusy):
+    with pytest.raises(EngineStopped):
         await waiting.wait()
     with pytest.raises(EngineBusy):
         engine.submit(long_generation(ck, n=1))

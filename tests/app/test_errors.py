@@ -12,6 +12,8 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
+from app.engine import EngineBusy, EngineStopped, EngineTimeout
+from app.errors import engine_error
 from app.settings import Settings
 
 pytestmark = pytest.mark.anyio
@@ -178,3 +180,16 @@ def test_no_perplexity_body_makes_a_500(sync_client, body):
        path=st.sampled_from(["/generate", "/perplexity", "/models", "/models/gru"]))
 def test_no_raw_bytes_make_a_500(sync_client, raw, content_type, path):
     check_answer(sync_client.post(path, content=raw, headers={"content-type": content_type} if content_type else {}))
+
+
+@pytest.mark.parametrize("error, status, type, retry", [
+    (EngineBusy("64 sequences are running or waiting"), 503, "busy", "1"),
+    (EngineTimeout("generation stopped after 30 s"), 504, "timeout", None),
+    (EngineStopped("the server is shutting down"), 503, "unavailable", None),
+    (RuntimeError("a bug"), 500, "internal_error", None),
+])
+def test_one_mapping_from_the_engines_errors_to_answers(error, status, type, retry):
+    """Every route (/generate, /v1/completions, /compare, /perplexity) raises what engine_error says."""
+    answer = engine_error(error)
+    assert (answer.status, answer.type, (answer.headers or {}).get("Retry-After")) == (status, type, retry)
+    assert str(error) in answer.message or status == 500  # a bug's text stays in the log, not the answer
