@@ -67,6 +67,14 @@ def library() -> ModuleType | None:
     return _library if ENABLED else None
 
 
+def loaded() -> ModuleType:
+    """The kernels' module, for a caller that has checked they apply."""
+    module = library()
+    if module is None:
+        raise RuntimeError("the C kernels are not loaded")
+    return module
+
+
 def build_name() -> str:
     """The build in use (baseline, x86_64_v3, x86_64_v4), or none: what /metrics reports."""
     module = library()
@@ -94,10 +102,10 @@ class Steps:
         return None if self.base is None else self.base + t * self.stride
 
 
-def cell_forward(cell: str, rows: int, n: int, x: int, hg: int, h: int, c: int | None, h_out: int,
-                 c_out: int | None, saved: int | None) -> None:
-    """One step of `cell` on raw addresses (see kernels.c): x, hg -> h_out (and c_out, saved)."""
-    lib = library()
+def cell_forward(cell: str, rows: int, n: int, x: int | None, hg: int, h: int | None, c: int | None,
+                 h_out: int | None, c_out: int | None, saved: int | None) -> None:
+    """One step of `cell` on raw addresses (see kernels.c; None: NULL): x, hg -> h_out (and c_out, saved)."""
+    lib = loaded()
     if cell == "rnn":
         lib.rnn_forward(rows, n, x, hg, h_out)
     elif cell == "gru":
@@ -139,7 +147,7 @@ def forward(cell: str, xg: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor | No
     steps, rows, n = xg.shape[0], h0.shape[0], h0.shape[1]
     hs, cs, saved = layer_outputs(cell, xg, h0, keep)
     X, Hs, Cs, S = Steps(xg), Steps(hs), Steps(cs), Steps(saved)
-    H, h_ptr, c_ptr = h0, h0.data_ptr(), pointer(c0)
+    H, h_ptr, c_ptr = h0, pointer(h0), pointer(c0)
     for t in range(steps):
         hg = hidden(H).float()  # bfloat16 under autocast
         cell_forward(cell, rows, n, X[t], hg.data_ptr(), h_ptr, c_ptr, Hs[t], Cs[t], S[t if keep else 0])
@@ -153,10 +161,10 @@ def step(cell: str, x: torch.Tensor, ids: torch.Tensor | None, hg: torch.Tensor,
     of row b are x[ids[b]] (the first layer's input table) or, with ids None, x[b] (an upper layer's
     input product); hg = H W_hh^T + b_hh. Every tensor float32 (ids int64), contiguous, CPU."""
     rows, n = h.shape[-2], h.shape[-1]
-    bad = library().cell_step(CELLS[cell], rows, n, x.data_ptr(), pointer(ids),
+    bad = loaded().cell_step(CELLS[cell], rows, n, x.data_ptr(), pointer(ids),
                               x.shape[0], hg.data_ptr(), h.data_ptr(), pointer(c),
                               h_out.data_ptr(), pointer(c_out))
-    if bad >= 0:
+    if bad >= 0 and ids is not None:  # only a lookup in the input table can be out of range
         raise IndexError(f"character index {int(ids[bad])} is outside the vocabulary (size {x.shape[0]})")
 
 
@@ -167,7 +175,7 @@ def mark_seen(seen: torch.Tensor, ids: torch.Tensor) -> None:
         seen.scatter_(1, ids[:, None], True)
         return
     ids = ids.contiguous()
-    bad = library().mark_seen(seen.shape[0], seen.shape[1], seen.data_ptr(), ids.data_ptr())
+    bad = loaded().mark_seen(seen.shape[0], seen.shape[1], seen.data_ptr(), ids.data_ptr())
     if bad >= 0:
         raise IndexError(f"character index {int(ids[bad])} is outside the vocabulary (size {seen.shape[1]})")
 
@@ -183,7 +191,7 @@ def history_cache(text: torch.Tensor, window: int, order: int,
     rows, length = text.shape
     p = torch.empty(rows, length - window + 1, vocab_size)
     bucket = torch.empty(rows, length - window + 1, dtype=torch.long)
-    bad = library().history_cache(rows, length, window, order, vocab_size, text.data_ptr(), p.data_ptr(),
+    bad = loaded().history_cache(rows, length, window, order, vocab_size, text.data_ptr(), p.data_ptr(),
                                   bucket.data_ptr())
     if bad == -2:
         raise MemoryError("no memory for the cache's scratch")
@@ -202,7 +210,7 @@ def mix_log_probs(logits: torch.Tensor, weights: torch.Tensor, ngram: torch.Tens
     logits, weights, cache = (t.reshape(-1, t.shape[-1]).contiguous() for t in (logits, weights, cache))
     ngram = ngram.reshape(-1, V).contiguous() if ngram is not None else None
     out = torch.empty_like(logits)
-    library().mix_log_probs(logits.shape[0], V, logits.data_ptr(), weights.data_ptr(), pointer(ngram),
+    loaded().mix_log_probs(logits.shape[0], V, logits.data_ptr(), weights.data_ptr(), pointer(ngram),
                             cache.data_ptr(), out.data_ptr())
     return out.view(shape)
 
@@ -217,7 +225,7 @@ def ngram_distributions(contexts: torch.Tensor, order: int, vocab_size: int,
     out = torch.empty(contexts.shape[0], vocab_size)
     arrays = [flat[name] for name in ("ctx_ids", "ctx_start", "ctx_count", "ctx_first", "entry", "next", "value",
                                        "gamma")]
-    if library().ngram_distributions(contexts.shape[0], contexts.shape[1], order, vocab_size, contexts.data_ptr(),
+    if loaded().ngram_distributions(contexts.shape[0], contexts.shape[1], order, vocab_size, contexts.data_ptr(),
                                      *(a.ctypes.data for a in arrays), out.data_ptr()) == -2:
         raise MemoryError("no memory for the n-gram's scratch")
     return out
@@ -233,7 +241,7 @@ def pack(weight: torch.Tensor, transposed: bool) -> torch.Tensor:
     rows, cols = weight.shape
     N, K, stride_n, stride_k = (rows, cols, cols, 1) if transposed else (cols, rows, 1, cols)
     packed = weight.new_empty(-(-N // PANEL) * K * PANEL)
-    library().pack_panels(N, K, weight.data_ptr(), stride_n, stride_k, packed.data_ptr())
+    loaded().pack_panels(N, K, weight.data_ptr(), stride_n, stride_k, packed.data_ptr())
     return packed
 
 
@@ -246,7 +254,7 @@ def recurrence_forward(cell: str, xg: torch.Tensor, h0: torch.Tensor, c0: torch.
     hg = xg.new_empty(rows, w_hh.shape[0])
     # held here, not built inside the call's arguments: the call only gets their addresses
     packed, bias = pack(w_hh, transposed=True), b_hh.detach().contiguous() if b_hh is not None else None
-    library().recurrence_forward(CELLS[cell], steps, rows, n, xg.data_ptr(), h0.data_ptr(), pointer(c0),
+    loaded().recurrence_forward(CELLS[cell], steps, rows, n, xg.data_ptr(), h0.data_ptr(), pointer(c0),
                                  packed.data_ptr(), pointer(bias), hg.data_ptr(), hs.data_ptr(), pointer(cs),
                                  pointer(saved), int(keep))
     return hs, cs, (saved if keep else None)
@@ -260,7 +268,7 @@ def recurrence_backward(cell: str, d_hs: torch.Tensor, d_c_last: torch.Tensor | 
     dxg, dhg, ping, pong = backward_buffers(cell, d_hs, d_c_last, h0)
     dmm = torch.zeros_like(h0)
     packed = pack(w_hh, transposed=False)  # held here: the call only gets its address
-    library().recurrence_backward(CELLS[cell], steps, rows, n, d_hs.data_ptr(), h0.data_ptr(), pointer(c0),
+    loaded().recurrence_backward(CELLS[cell], steps, rows, n, d_hs.data_ptr(), h0.data_ptr(), pointer(c0),
                                   hs.data_ptr(), pointer(cs), pointer(saved), packed.data_ptr(), dxg.data_ptr(),
                                   dhg.data_ptr(), dmm.data_ptr(), ping.data_ptr(), pong.data_ptr())
     last = pong if steps % 2 else ping  # the buffers swap roles every step
@@ -274,7 +282,7 @@ def backward(cell: str, d_hs: torch.Tensor, d_c_last: torch.Tensor | None, h0: t
     step's H from above; d_c_last: of the last C (LSTM). through_w_hh(d) = d W_hh. Returns the
     gradients of xg and of the products H_{t-1} W_hh^T (both (steps, batch, gates * n); one tensor
     where they are equal), and of h0 and c0."""
-    lib = library()
+    lib = loaded()
     steps, rows, n = hs.shape
     dxg, dhg, ping, pong = backward_buffers(cell, d_hs, d_c_last, h0)
     D, Hs, Cs, S, DX, DG = Steps(d_hs), Steps(hs), Steps(cs), Steps(saved), Steps(dxg), Steps(dhg)
@@ -303,7 +311,7 @@ def argmax(logits: torch.Tensor) -> torch.Tensor:
         return logits.argmax(dim=1)
     logits = logits.contiguous()
     out = torch.empty(logits.shape[0], dtype=torch.long)
-    library().argmax_rows(logits.shape[0], logits.shape[1], logits.data_ptr(), out.data_ptr())
+    loaded().argmax_rows(logits.shape[0], logits.shape[1], logits.data_ptr(), out.data_ptr())
     return out
 
 
@@ -329,7 +337,7 @@ class Sampler:
         """Draw for `rows` (batch indices) with one uniform each; whether each draw survived."""
         index, u = array.array("q", rows), array.array("d", uniforms)
         ok = array.array("B", bytes(len(rows)))
-        library().sample_rows(len(rows), self.logits.shape[1], address(index), self.logits.data_ptr(),
+        loaded().sample_rows(len(rows), self.logits.shape[1], address(index), self.logits.data_ptr(),
                               address(self.temperature), address(self.top_k), address(self.top_p), address(u),
                               int(self.fresh), self.weights.ctypes.data, self.cdf.ctypes.data,
                               self.picks.data_ptr(), address(ok))
@@ -353,7 +361,7 @@ class CrossEntropy(torch.autograd.Function):
         rows, vocab = logits.shape
         nll, mean_logp = logits.new_empty(rows), logits.new_empty(rows)
         dlogits = torch.empty_like(logits) if ctx.needs_input_grad[0] else None
-        library().cross_entropy(rows, vocab, logits.data_ptr(), targets.data_ptr(), eps, rows, nll.data_ptr(),
+        loaded().cross_entropy(rows, vocab, logits.data_ptr(), targets.data_ptr(), eps, rows, nll.data_ptr(),
                                 mean_logp.data_ptr(), pointer(dlogits))
         ctx.save_for_backward(dlogits)
         nll = nll.mean()
@@ -381,7 +389,7 @@ class OneHotGates(torch.autograd.Function):
         weight, bias = weight.contiguous(), bias.contiguous() if bias is not None else None
         positions = ids.t().contiguous()  # time-major
         out = weight.new_empty(*positions.shape, width)
-        bad = library().onehot_gates(positions.numel(), width, vocab, weight.data_ptr(), pointer(bias),
+        bad = loaded().onehot_gates(positions.numel(), width, vocab, weight.data_ptr(), pointer(bias),
                                      positions.data_ptr(), out.data_ptr())
         if bad >= 0:
             raise IndexError(f"character index {int(positions.view(-1)[bad])} is outside the vocabulary "
@@ -397,7 +405,7 @@ class OneHotGates(torch.autograd.Function):
         d_out = d_out.contiguous()
         d_weight = d_out.new_empty(width, vocab)
         d_bias = d_out.new_empty(width) if ctx.has_bias else None
-        library().onehot_gates_backward(positions.numel(), width, vocab, d_out.data_ptr(), positions.data_ptr(),
+        loaded().onehot_gates_backward(positions.numel(), width, vocab, d_out.data_ptr(), positions.data_ptr(),
                                         d_weight.data_ptr(), pointer(d_bias))
         return d_weight, d_bias, None
 
