@@ -26,12 +26,14 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 	$(PY) -m pytest
 	# the service again on the torch fallback, end to end: what a machine without the kernels runs
 	LYRICS_KERNELS=0 $(PY) -m pytest -q tests/app
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 
 format: $(STAMP)
 	$(VENV)/bin/ruff check --fix .

@@ -34,7 +34,7 @@ import threading
 import time
 import weakref
 from collections import Counter, defaultdict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import reduce
 from typing import Any, TypeVar
@@ -83,7 +83,7 @@ class Job:
     def stop(self) -> None:
         self.stopped = True
 
-    async def __aiter__(self) -> AsyncIterator[Delta]:
+    async def __aiter__(self) -> AsyncGenerator[Delta, None]:
         try:
             while (item := await self.queue.get()) is not _END:
                 yield item

@@ -17,6 +17,7 @@ clients expect it) and a full queue 429 with Retry-After.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Mapping, MutableMapping
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -64,7 +65,7 @@ def error_body(type: str, message: str, details: list[dict] | None = None) -> di
 
 
 def error_response(status: int, type: str, message: str, details: list[dict] | None = None,
-                   headers: dict[str, str] | None = None, scope: dict | None = None) -> JSONResponse:
+                   headers: dict[str, str] | None = None, scope: MutableMapping[str, Any] | None = None) -> JSONResponse:
     """The error answer. `scope` (the request's): its path picks the OpenAI shape under /v1/, and its app's
     metrics count the error by type."""
     scope = scope or {}
@@ -112,13 +113,13 @@ def summary(details: list[dict]) -> str:
     return shown + (f" (and {len(details) - 5} more)" if len(details) > 5 else "")
 
 
-def clean_validation_errors(errors: list[dict]) -> list[dict]:
+def clean_validation_errors(errors: Iterable[Mapping[str, Any]]) -> list[dict]:
     """Pydantic's errors without the echoed input or non-JSON context."""
     cleaned = []
     for e in errors:
         loc, msg = list(e.get("loc", ())), e.get("msg", "invalid value")
         if e.get("type") == "json_invalid":
-            ctx = e.get("ctx") if isinstance(e.get("ctx"), dict) else {}
+            ctx = e["ctx"] if isinstance(e.get("ctx"), dict) else {}
             loc, msg = ["body"], f"the body is not valid JSON: {ctx.get('error', msg)} (at character {loc[-1]})"
         cleaned.append(field_error([p if isinstance(p, int | str) else str(p) for p in loc],
                                    str(msg), str(e.get("type", "value_error"))))
@@ -130,7 +131,8 @@ def is_json(request: Request) -> bool:
     return content_type == "application/json" or content_type.endswith("+json")
 
 
-async def on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+async def on_validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)  # starlette types every handler for Exception
     details = clean_validation_errors(list(exc.errors()))
     if request.headers.get("content-type") and not is_json(request) and any(d["loc"] == ["body"] for d in details):
         return error_response(415, "unsupported_media_type",
@@ -142,11 +144,13 @@ async def on_validation_error(request: Request, exc: RequestValidationError) -> 
     return error_response(422, "validation_error", summary(details), details, scope=request.scope)
 
 
-async def on_api_error(request: Request, exc: ApiError) -> JSONResponse:
+async def on_api_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ApiError)
     return error_response(exc.status, exc.type, exc.message, exc.details, exc.headers, request.scope)
 
 
-async def on_http_error(request: Request, exc: HTTPException) -> JSONResponse:
+async def on_http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, HTTPException)
     message = exc.detail if isinstance(exc.detail, str) else TYPES.get(exc.status_code, "error")
     if exc.status_code == 404 and message == "Not Found":
         message = f"no such endpoint: {request.url.path} (see /docs)"

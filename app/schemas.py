@@ -278,7 +278,7 @@ class PerplexityRequest(StrictBody):
         return [self.text] if isinstance(self.text, str) else self.text
 
     def limit_errors(self, settings: Settings) -> list[dict]:
-        errors = []
+        errors: list[dict] = []
         if isinstance(self.text, list) and not self.text:
             errors.append({"loc": ["body", "text"], "msg": "the list of texts is empty", "type": "too_short"})
         if len(self.texts) > settings.max_texts:

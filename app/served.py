@@ -86,7 +86,7 @@ def load_models(settings: Settings) -> ServedModels:
         raise StartupError(f"LYRICS_DEFAULT_MODEL={default!r} is not among the loaded models: "
                            f"{', '.join(loaded.models)}")
     log.info("default model: %s", default)
-    stamps = {name: stamp(ck.path) for name, ck in loaded.models.items()}
+    stamps = {name: stamp(ck.path) for name, ck in loaded.models.items() if ck.path is not None}
     return ServedModels(models=loaded.models, default=default, device=str(device), stamps=stamps)
 
 
@@ -102,7 +102,9 @@ def rescan(settings: Settings, current: ServedModels) -> tuple[ServedModels, dic
     changing nothing, when the new set would be empty."""
     torch.set_num_threads(1)  # only the engine's scheduler threads get torch's intra-op pool (app/engine.py)
     directory = settings.model_dir
-    models, stamps, loaded, unchanged, skipped = {}, {}, [], [], {}
+    models: dict[str, Checkpoint] = {}
+    stamps: dict[str, FileStamp] = {}
+    loaded, unchanged, skipped = [], [], {}
     for path in checkpoint_paths(directory):
         name = path.name.removesuffix(SUFFIX)
         if outside_directory(path, directory):
@@ -120,7 +122,9 @@ def rescan(settings: Settings, current: ServedModels) -> tuple[ServedModels, dic
         except (CheckpointError, OSError) as e:
             skipped[path.name] = str(e)
             if name in current.models:
-                models[name], stamps[name] = current.models[name], current.stamps.get(name)
+                models[name] = current.models[name]
+                if name in current.stamps:
+                    stamps[name] = current.stamps[name]
                 skipped[path.name] += "; still serving the previously loaded version"
                 unchanged.append(name)
             log.warning("reload skipped %s: %s", path.name, skipped[path.name])
@@ -132,7 +136,7 @@ def rescan(settings: Settings, current: ServedModels) -> tuple[ServedModels, dic
         if default is not None:
             log.warning("LYRICS_DEFAULT_MODEL=%r is no longer loaded; the default is now the best by perplexity",
                         default)
-        default = LoadedModels(models).default
+        default = LoadedModels(models).default or next(iter(models))  # the best by perplexity
     removed = [name for name in current.models if name not in models]
     log.info("reloaded: %d loaded, %d unchanged, %d removed, %d skipped; default %s",
              len(loaded), len(unchanged), len(removed), len(skipped), default)

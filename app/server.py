@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import os
 import signal
 
@@ -62,5 +63,5 @@ def serve(**options: object) -> None:
     config = uvicorn.Config("app.main:create_app", factory=True, host=settings.host, port=settings.port,
                             log_level=settings.log_level, access_log=False,
                             log_config=uvicorn_log_config(settings.log_format) or uvicorn.config.LOGGING_CONFIG,
-                            timeout_graceful_shutdown=settings.drain_timeout_s)
+                            timeout_graceful_shutdown=math.ceil(settings.drain_timeout_s))
     GracefulServer(config).run()

@@ -22,7 +22,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 
-from model_store.mixture import MixtureConfig, MixtureLM
+from model_store.mixture import LanguageModel, MixtureConfig, MixtureLM
 from model_store.model import CharLM, ModelConfig
 from model_store.ngram import KneserNey
 from model_store.vocab import NEWLINE_POLICIES, Vocabulary
@@ -39,7 +39,7 @@ class CheckpointError(ValueError):
 class Checkpoint:
     """A loaded model with everything its file says about it."""
 
-    model: CharLM | MixtureLM
+    model: LanguageModel
     vocab: Vocabulary
     newlines: str = "keep"
     training: dict = field(default_factory=dict)
@@ -137,15 +137,14 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
     model.load_state_dict({k: v.float() for k, v in tensors.items()}, strict=not config.tie_weights)
     if ngram_tensors and "mixture" not in meta:
         raise CheckpointError(f"{path}: n-gram tables without a 'mixture' entry in the metadata")
-    if "mixture" in meta:
-        model = load_mixture(path, model, meta["mixture"], ngram_tensors)
-    model.to(device).eval()
+    served: LanguageModel = load_mixture(path, model, meta["mixture"], ngram_tensors) if "mixture" in meta else model
+    served.to(device).eval()
     if pack:
-        model.pack()
+        served.pack()
     training = meta.get("training") or {}
     if not isinstance(training, dict):
         raise CheckpointError(f"{path}: training summary must be a JSON object")
-    return Checkpoint(model=model, vocab=vocab, newlines=newlines, training=training, path=Path(path))
+    return Checkpoint(model=served, vocab=vocab, newlines=newlines, training=training, path=Path(path))
 
 
 def load_mixture(path, rnn: CharLM, settings, ngram_tensors: dict[str, torch.Tensor]) -> MixtureLM:

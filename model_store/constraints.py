@@ -80,7 +80,7 @@ def structure_chars(lines: int | None, lengths: tuple[int, ...] | None) -> int |
 
 def final_of(char: str) -> str | None:
     """The character's final (韵母) without tone, or None (not a Chinese character, or no final)."""
-    final = lazy_pinyin(char, style=Style.FINALS, errors=lambda _: [""])[0]
+    final = (lazy_pinyin(char, style=Style.FINALS, errors="ignore") or [""])[0]
     return final.replace("ü", "v") or None
 
 
@@ -255,6 +255,7 @@ class Tracker:
                 return p.sep_only
             if kind == "f":
                 return p.rhyme_mask(self.final) if self.final else p.has_final
+            assert p.slots_from is not None  # computed with the layout
             mask, slots = p.content, p.slots_from[self.produced]
         elif p.lines is not None:
             lines_after = p.lines - self.line - 1
@@ -280,7 +281,7 @@ class Tracker:
             self.line, self.pos = self.line + 1, 0
             self.done = self.line == p.lines
         else:
-            if p.rhyme is True and self.final is None and p.layout[self.produced - 1] == "f":
+            if p.rhyme is True and self.final is None and p.layout is not None and p.layout[self.produced - 1] == "f":
                 self.final = p.finals[index]
             self.pos += 1
 
@@ -290,7 +291,7 @@ def mask_logits(logits: torch.Tensor, trackers: Sequence[Tracker | None]) -> tor
     rows = [i for i, t in enumerate(trackers) if t is not None]
     if not rows:
         return logits
-    allowed = torch.stack([trackers[i].allowed() for i in rows])
+    allowed = torch.stack([t.allowed() for t in trackers if t is not None])
     index = torch.tensor(rows, device=logits.device)
     masked = logits.index_select(0, index).masked_fill(~allowed, float("-inf"))
     return logits.index_copy(0, index, masked)

@@ -19,8 +19,8 @@ import torch
 
 from model_store import kernels
 from model_store.constraints import Constraints, Plan, Tracker, mask_logits
-from model_store.mixture import for_generation
-from model_store.model import CharLM, State
+from model_store.mixture import LanguageModel, for_generation
+from model_store.model import State, state_parts
 from model_store.sampling import NgramBlocker, SamplingParams, Uniforms, block_repeats, sample_next
 from model_store.state import Snapshot
 from model_store.vocab import Vocabulary
@@ -48,7 +48,7 @@ class Completion:
     logprobs: list[CharLogprob] | None = field(default=None, compare=False, repr=False)  # one per generated char
 
 
-def prefill(model: CharLM, ids: Sequence[int], device=None) -> tuple[torch.Tensor, State]:
+def prefill(model: LanguageModel, ids: Sequence[int], device=None) -> tuple[torch.Tensor, State]:
     """Run the whole prefix through the model in one call: last logits (1, vocab) and state."""
     device = device or model.dense.weight.device
     logits, state = model(torch.tensor([list(ids)], device=device), last_only=True)
@@ -69,9 +69,8 @@ def select_state(state: State, index: torch.Tensor) -> State:
 
 
 def cat_state(a: State, b: State) -> State:
-    if isinstance(a, tuple):
-        return tuple(torch.cat(pair, dim=1) for pair in zip(a, b, strict=True))
-    return torch.cat([a, b], dim=1)
+    return (tuple(torch.cat(pair, dim=1) for pair in zip(a, b, strict=True)) if isinstance(a, tuple)
+            else torch.cat([a, *state_parts(b)], dim=1))
 
 
 @dataclass
@@ -100,7 +99,8 @@ class Row:
         self.group: Group | None = None  # the best_of candidates this row is one of
         self.loglik = 0.0  # log-probability of its characters since its group last compared them
         self.ngrams = NgramBlocker(params.no_repeat_ngram, read) if params.no_repeat_ngram else None
-        self.read, self.generated_ids = read, []  # what the row's text is made of, for its snapshot
+        self.read = read  # what the row's text is made of, for its snapshot
+        self.generated_ids: list[int] = []
         stream_seed = seed if stream_seed is None else stream_seed
         self.uniforms = Uniforms(stream_seed) if stream_seed is not None else None
         self.index, self.owner = index, owner  # which choice of which request
@@ -156,7 +156,7 @@ class Row:
                           logprobs)
 
 
-def prefill_rows(model: CharLM, generations: Sequence[Generation]) -> tuple[torch.Tensor, State, torch.Tensor]:
+def prefill_rows(model: LanguageModel, generations: Sequence[Generation]) -> tuple[torch.Tensor, State, torch.Tensor]:
     """Prefill the inputs (`ids`, all of one length) of several generations in one call, each from
     its start state; generation i's logits, state and seen-mask rows are repeated row_count times, in order.
     The seen mask is built in numpy: a server admits requests between the steps of its batch, and
@@ -167,21 +167,17 @@ def prefill_rows(model: CharLM, generations: Sequence[Generation]) -> tuple[torc
     seen = numpy.zeros((len(generations), model.config.vocab_size), dtype=bool)
     for i, g in enumerate(generations):
         if g.start is not None:
-            for whole, part in zip(as_tuple(start), as_tuple(g.start.state), strict=True):
+            for whole, part in zip(state_parts(start), state_parts(g.start.state), strict=True):
                 whole[:, i] = part[:, 0].to(device)
             seen[i] = g.start.seen.cpu().numpy()
         seen[i, g.ids] = True
     logits, state = model(torch.tensor([g.ids for g in generations], device=device), start, last_only=True)
-    seen = torch.from_numpy(seen).to(device)
+    seen_mask = torch.from_numpy(seen).to(device)
     if all(g.row_count == 1 for g in generations):
-        return logits[:, -1], state, seen
+        return logits[:, -1], state, seen_mask
     counts = torch.tensor([g.row_count for g in generations], device=device)
     index = torch.repeat_interleave(torch.arange(len(generations), device=device), counts)
-    return logits[:, -1].index_select(0, index), select_state(state, index), seen.index_select(0, index)
-
-
-def as_tuple(state: State) -> tuple[torch.Tensor, ...]:
-    return state if isinstance(state, tuple) else (state,)
+    return logits[:, -1].index_select(0, index), select_state(state, index), seen_mask.index_select(0, index)
 
 
 def state_to(state: State, device, copy: bool = False) -> State:
@@ -219,20 +215,28 @@ class Batch:
     `torch.no_grad()` (or inference mode).
     """
 
-    def __init__(self, model: CharLM, vocab: Vocabulary):
+    def __init__(self, model: LanguageModel, vocab: Vocabulary):
         self.model, self.vocab = for_generation(model), vocab
         self.blanks = torch.tensor([c.isspace() for c in vocab.idx_to_char], dtype=torch.bool,
                                    device=self.model.dense.weight.device)  # for no_blank_runs
         self.rows: list[Row] = []
+        # the rows' next-character logits, state and seen marks; None while there are no rows
         self.logits: torch.Tensor | None = None
         self.state: State | None = None
         self.seen: torch.Tensor | None = None
 
+    def tensors(self) -> tuple[torch.Tensor, State, torch.Tensor]:
+        """The rows' logits, state and seen marks (the batch has rows)."""
+        if self.logits is None or self.state is None or self.seen is None:
+            raise RuntimeError("the batch has no rows")
+        return self.logits, self.state, self.seen
+
     def add(self, rows: list[Row], logits: torch.Tensor, state: State, seen: torch.Tensor) -> None:
         """Append rows with their prefilled logits, state and seen mask; rows already finished are dropped."""
         if self.rows:
-            logits, state = torch.cat([self.logits, logits]), cat_state(self.state, state)
-            seen = torch.cat([self.seen, seen])
+            old_logits, old_state, old_seen = self.tensors()
+            logits, state = torch.cat([old_logits, logits]), cat_state(old_state, state)
+            seen = torch.cat([old_seen, seen])
         self.rows, self.logits, self.state, self.seen = self.rows + rows, logits, state, seen
         self.keep([i for i, r in enumerate(self.rows) if r.finish is None])
 
@@ -245,10 +249,11 @@ class Batch:
         if not self.rows:
             self.logits = self.state = self.seen = None
             return
-        index = torch.tensor(kept, device=self.seen.device)
+        old_logits, old_state, old_seen = self.tensors()
+        index = torch.tensor(kept, device=old_seen.device)
         if logits:
-            self.logits = self.logits.index_select(0, index)
-        self.seen, self.state = self.seen.index_select(0, index), select_state(self.state, index)
+            self.logits = old_logits.index_select(0, index)
+        self.seen, self.state = old_seen.index_select(0, index), select_state(old_state, index)
 
     def drop(self, owners) -> None:
         """Remove every row whose owner is in `owners`."""
@@ -257,34 +262,36 @@ class Batch:
     def step(self) -> list[tuple[Row, str]]:
         """One character for every row: each row with the text it made safe to show."""
         rows = self.rows
-        logits = block_repeats(mask_logits(self.logits, [r.tracker for r in rows]), rows, self.blanks)
-        chosen = sample_next(logits, [r.params for r in rows], self.seen, [r.uniforms for r in rows])
+        raw, _, seen = self.tensors()
+        logits = block_repeats(mask_logits(raw, [r.tracker for r in rows]), rows, self.blanks)
+        chosen = sample_next(logits, [r.params for r in rows], seen, [r.uniforms for r in rows])
         if any(r.top_logprobs is not None for r in rows):
             self.record_logprobs(chosen)
         chars = self.vocab.idx_to_char
         produced = [(row, row.push(chars[c], c)) for row, c in zip(rows, chosen.tolist(), strict=True)]
         if any(row.group is not None for row in rows):
             produced = self.compare_candidates(chosen, produced)
-        kernels.mark_seen(self.seen, chosen)
+        _, state, seen = self.tensors()  # compare_candidates may have moved rows' state and marks
+        kernels.mark_seen(seen, chosen)
         live = [i for i, r in enumerate(rows) if r.finish is None]
         if len(live) < len(rows):
             for i, row in enumerate(rows):
                 if row.finish is not None and row.keep_state:  # its state has read all but the last character
-                    state = select_state(self.state, torch.tensor([i], device=chosen.device))
-                    row.snapshot = snapshot(state, int(chosen[i]), self.seen[i], row.read + row.generated_ids[:-1])
+                    one = select_state(state, torch.tensor([i], device=chosen.device))
+                    row.snapshot = snapshot(one, int(chosen[i]), seen[i], [*row.read, *row.generated_ids[:-1]])
             chosen = chosen[torch.tensor(live, dtype=torch.long, device=chosen.device)]
             self.keep(live, logits=False)
         if self.rows:
-            self.logits, self.state = self.model.step(chosen, self.state)
+            self.logits, self.state = self.model.step(chosen, self.tensors()[1])
         return produced
 
     def record_logprobs(self, chosen: torch.Tensor) -> None:
         """Append each recording row's character log-probability and top alternatives, from the raw logits."""
         rows = self.rows
         asking = [i for i, r in enumerate(rows) if r.top_logprobs is not None]
+        tops = [top for r in rows if (top := r.top_logprobs) is not None]
         index = torch.tensor(asking, device=chosen.device)
-        records = char_logprobs(self.logits.index_select(0, index), chosen.index_select(0, index),
-                                [rows[i].top_logprobs for i in asking])
+        records = char_logprobs(self.tensors()[0].index_select(0, index), chosen.index_select(0, index), tops)
         for i, record in zip(asking, records, strict=True):
             rows[i].logprobs.append(record)
 
@@ -294,16 +301,17 @@ class Batch:
         (in place, before the state advances). Only a group's lead shows text, what it added since the
         group last showed some."""
         rows = self.rows
+        logits, state, seen = self.tensors()
         grouped = [i for i, r in enumerate(rows) if r.group is not None]
         index = torch.tensor(grouped, device=chosen.device)
-        log_probs = torch.log_softmax(self.logits.index_select(0, index).float(), dim=1)
+        log_probs = torch.log_softmax(logits.index_select(0, index).float(), dim=1)
         for i, lp in zip(grouped, log_probs.gather(1, chosen.index_select(0, index)[:, None])[:, 0].tolist(),
                          strict=True):
             rows[i].loglik += lp
         position: dict[int, int] = {}  # row -> index, made when a group is first due
         shown: dict[int, str] = {}
         targets, sources = [], []
-        for group in {id(rows[i].group): rows[i].group for i in grouped}.values():
+        for group in {id(r.group): r.group for r in rows if r.group is not None}.values():
             group.steps += 1
             if group.steps < group.every and not any(r.finish for r in group.rows):
                 continue
@@ -320,8 +328,8 @@ class Batch:
         if targets:
             to, source = (torch.tensor(x, device=chosen.device) for x in (targets, sources))
             chosen[to] = chosen[source]
-            self.seen[to] = self.seen[source]
-            for part in as_tuple(self.state):
+            seen[to] = seen[source]
+            for part in state_parts(state):
                 part[:, to] = part[:, source]
         return [(row, text if row.group is None else shown.get(id(row), "")) for row, text in produced]
 
@@ -343,7 +351,7 @@ class Generation:
     choice's own snapshot in its `Completion.state`.
     """
 
-    def __init__(self, model: CharLM, vocab: Vocabulary, prefix: str, max_chars: int = 50,
+    def __init__(self, model: LanguageModel, vocab: Vocabulary, prefix: str, max_chars: int = 50,
                  params: SamplingParams = SamplingParams(), stop: Sequence[str] = (),
                  seed: int | None = None, n: int = 1, start: Snapshot | None = None, keep_state: bool = False,
                  constraints: Constraints | None = None, logprobs: int | None = None):
@@ -362,7 +370,8 @@ class Generation:
         self.stop = [s for s in stop if s]
         if params.temperature > 0 and seed is None:
             seed = secrets.randbits(31)
-        self.seeds = [seed + i if params.temperature > 0 else None for i in range(n)]
+        self.seeds: list[int | None] = ([seed + i for i in range(n)] if params.temperature > 0 and seed is not None
+                                        else [None] * n)
         self.completions: list[Completion] = []
 
     def text_ids(self) -> list[int]:
@@ -383,8 +392,8 @@ class Generation:
         last = self.prefix[-1:] or self.vocab.idx_to_char[self.ids[-1]]
         rows = []
         for i, seed in enumerate(self.seeds):
-            candidates = [Row(self.params, seed, self.stop, self.max_chars, i, owner, self.plan and self.plan.tracker(),
-                              self.keep_state, read, last.isspace(),
+            candidates = [Row(self.params, seed, self.stop, self.max_chars, i, owner,
+                              self.plan.tracker() if self.plan else None, self.keep_state, read, last.isspace(),
                               candidate_seed(seed, j), self.logprobs) for j in range(self.params.best_of)]
             if len(candidates) > 1:
                 Group(candidates, self.params.best_of_chars)
@@ -435,7 +444,7 @@ def candidate_seed(seed: int | None, j: int) -> int | None:
     return int.from_bytes(hashlib.blake2b(f"{seed}/{j}".encode(), digest_size=8).digest(), "little")
 
 
-def generate(model: CharLM, vocab: Vocabulary, prefix: str, max_chars: int = 50,
+def generate(model: LanguageModel, vocab: Vocabulary, prefix: str, max_chars: int = 50,
              params: SamplingParams = SamplingParams(), stop: Sequence[str] = (),
              seed: int | None = None, n: int = 1, **options) -> list[Completion]:
     """Continue `prefix` with up to `max_chars` characters, `n` times (see `Generation`, which
@@ -447,7 +456,7 @@ def generate(model: CharLM, vocab: Vocabulary, prefix: str, max_chars: int = 50,
 
 
 @torch.no_grad()
-def text_logprobs(model: CharLM, ids: Sequence[int], top: int) -> list[CharLogprob]:
+def text_logprobs(model: LanguageModel, ids: Sequence[int], top: int) -> list[CharLogprob]:
     """Each of ids[1:] with its log-probability after the ids before it and the `top` likeliest characters
     there, under the model that generates (a mixture's recurrent model): what `logprobs` reports for the
     characters of a prompt, the same numbers as for generated ones."""

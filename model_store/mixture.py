@@ -42,7 +42,7 @@ COMPONENTS = ("rnn", "ngram", "cache")
 
 @dataclass(frozen=True)
 class MixtureConfig:
-    weights: tuple[tuple[float, float, float], ...]  # per bucket 0..cache_order: (rnn, ngram, cache)
+    weights: tuple[tuple[float, ...], ...]  # per bucket 0..cache_order: (rnn, ngram, cache)
     cache_order: int = 6
     cache_window: int = 2048
 
@@ -107,6 +107,8 @@ class HistoryCache:
 
 
 class MixtureLM(nn.Module):
+    weights: torch.Tensor  # (buckets, 3), a buffer
+
     def __init__(self, rnn: CharLM, ngram: KneserNey | None, config: MixtureConfig):
         super().__init__()
         if ngram is None and any(w[1] for w in config.weights):
@@ -185,7 +187,10 @@ class MixtureLM(nn.Module):
         log_probs = kernels.mix_log_probs(logits, weights, parts.get("ngram"), parts["cache"])  # in C on a CPU
         if log_probs is None:
             probs = {"rnn": F.softmax(logits, dim=-1), **parts}
-            mixed = sum(weights[..., i, None] * probs[name] for i, name in enumerate(COMPONENTS) if name in probs)
+            mixed = torch.zeros_like(logits)
+            for i, name in enumerate(COMPONENTS):
+                if name in probs:
+                    mixed = mixed + weights[..., i, None] * probs[name]
             log_probs = mixed.clamp(min=1e-30).log()
         return log_probs, state
 
@@ -234,3 +239,6 @@ def for_generation(model):
         static = MixtureConfig(((1.0, 0.0, 0.0),) * (order + 1), order, window)
         view = _generation_views[model] = MixtureLM(model.rnn, None, static).eval()
     return view
+
+
+LanguageModel = CharLM | MixtureLM  # what a checkpoint holds, and what generation and scoring take

@@ -48,7 +48,19 @@ IMPLS = ("scratch", "fused")
 # one set here: setting the newer per-operator one makes reading this flag raise.
 torch.backends.cudnn.allow_tf32 = False
 
-State = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
+# A model's recurrent state, the one type every module passes around: H (rnn, gru) or (H, C) (lstm),
+# each (layers, batch, hidden); a mixture's adds the text its cache reads, (1, batch, window).
+State = torch.Tensor | tuple[torch.Tensor, ...]
+
+
+def state_parts(state: State) -> tuple[torch.Tensor, ...]:
+    """The state's tensors, one or several."""
+    return state if isinstance(state, tuple) else (state,)
+
+
+def split_state(state: State) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A recurrent model's (H, C): C for an LSTM, else None."""
+    return (state[0], state[1]) if isinstance(state, tuple) else (state, None)
 
 
 @dataclass(frozen=True)
@@ -97,6 +109,8 @@ class CharLM(nn.Module):
                              dropout=config.dropout if config.num_layers > 1 else 0.0, batch_first=True)
         self.dense = nn.Linear(config.hidden_size, config.vocab_size)
         if config.tie_weights:
+            if self.embedding is None:
+                raise ValueError("tie_weights needs an embedding (embed_size equal to hidden_size)")
             # as an output layer, nn.Embedding's N(0, 1) rows would start with huge logits
             nn.init.uniform_(self.embedding.weight, -0.1, 0.1)
             self.dense.weight = self.embedding.weight
@@ -173,12 +187,13 @@ class CharLM(nn.Module):
             # arithmetic in fewer torch calls), the output layer at the last position only
             columns = inputs.t().contiguous()
             for ids in columns[:-1]:
-                state = self._generation_step(ids, state, output=False)[1]
+                state = self._advance(ids, state)
             logits, state = self._generation_step(columns[-1], state)
             return logits[:, None], state
         # DropConnect needs the per-step path, which takes W_hh as an argument; so do packed weights
         packed_step = self.packed and not torch.is_grad_enabled() and inputs.device.type == "cpu"
         if self.impl == "fused" and not (self.training and self.config.weight_drop) and not packed_step:
+            assert self.embedding is not None  # ModelConfig: fused needs an embedding
             hiddens, state = self.rnn(self.drop(self.embedding(inputs)), state)
         else:
             hiddens, state = self._scratch(inputs, state)
@@ -234,9 +249,10 @@ class CharLM(nn.Module):
 
     def _scratch(self, inputs: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         cell = self.config.cell
-        h_all, c_all = state if cell == "lstm" else (state, None)
-        layer_input = None
-        h_out, c_out = [], []
+        h_all, c_all = split_state(state)
+        layer_input = inputs  # each layer's output becomes the next one's input
+        h_out: list[torch.Tensor] = []
+        c_out: list[torch.Tensor] = []
         for layer in range(self.config.num_layers):
             w_hh = getattr(self.rnn, f"weight_hh_l{layer}")
             b_hh = getattr(self.rnn, f"bias_hh_l{layer}")
@@ -254,36 +270,43 @@ class CharLM(nn.Module):
             hs, c_last = recurrence(cell, xg, h0, c0, w_hh, b_hh,
                                     self.packed.get(f"rnn.weight_hh_l{layer}"))
             layer_input = hs.transpose(0, 1)
-            H, C = hs[-1], (c_last if cell == "lstm" else None)
-            h_out.append(H)
-            c_out.append(C)
+            h_out.append(hs[-1])
+            if c_last is not None:
+                c_out.append(c_last)
         new_state = (torch.stack(h_out), torch.stack(c_out)) if cell == "lstm" else torch.stack(h_out)
         return layer_input, new_state
 
-    def _generation_step(self, ids: torch.Tensor, state: State, output: bool = True) -> tuple[torch.Tensor | None, State]:
+    def _generation_step(self, ids: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        """`_advance`, then the next-character logits from the last layer's new H."""
+        state = self._advance(ids, state)
+        return self.packed["dense"](split_state(state)[0][-1]), state
+
+    def _advance(self, ids: torch.Tensor, state: State) -> State:
         """One step of a packed model without a gradient, on a CPU: `_scratch`'s arithmetic (the
         input table, the packed products, the fused cells) with as few torch calls as it takes, for
-        generation, which makes one such call per character. Each torch call lets go of the GIL and
-        waits to get it back, and a server's event loop holds it while it handles requests. Without
-        `output` (a prefill's positions before the last) no logits are computed: (None, state)."""
+        generation, which makes one such call per character (a prefill's positions before the last
+        need no logits). Each torch call lets go of the GIL and waits to get it back, and a server's
+        event loop holds it while it handles requests."""
         cell, layers = self.config.cell, self.config.num_layers
-        h_all, c_all = state if cell == "lstm" else (state, None)
+        h_all, c_all = split_state(state)
         h_all = h_all.contiguous()
         c_all = c_all.contiguous() if c_all is not None else None
         h_new = torch.empty_like(h_all)
         c_new = torch.empty_like(c_all) if c_all is not None else None
-        x, index = self.input_table.current(), ids.contiguous()
+        assert self.input_table is not None  # packed: fast_step() holds
+        x: torch.Tensor = self.input_table.current()
+        index: torch.Tensor | None = ids.contiguous()
         for layer, (input_product, hidden_product) in enumerate(self.step_layers):
             if layers == 1:  # no per-layer views: one torch call fewer each
                 h, c, h_out, c_out = h_all, c_all, h_new, c_new
             else:
                 h, h_out = h_all[layer], h_new[layer]
-                c, c_out = (c_all[layer], c_new[layer]) if c_all is not None else (None, None)
+                c = c_all[layer] if c_all is not None else None
+                c_out = c_new[layer] if c_new is not None else None
             if layer:
                 x, index = input_product(h_new[layer - 1]), None
             kernels.step(cell, x, index, hidden_product(h), h, c, h_out, c_out)
-        logits = self.packed["dense"](h_new[-1]) if output else None
-        return logits, (h_new, c_new) if cell == "lstm" else h_new
+        return (h_new, c_new) if c_new is not None else h_new
 
 
 class InputTable:

@@ -124,7 +124,9 @@ class KneserNey:
     def flat(self) -> dict[str, np.ndarray]:
         """The tables as flat arrays for the C walk (kernels.c's ngram_distributions): per order, its
         sorted contexts; per context, its gamma and its range of (next id, discounted probability)."""
-        ctx_ids, ctx_start, ctx_count, ctx_first, entry, nexts, values, gammas = [], [], [], [], [0], [], [], []
+        ctx_ids: list[np.ndarray] = []
+        gammas: list[float] = []
+        ctx_start, ctx_count, ctx_first, entry, nexts, values = [], [], [], [0], [], []
         for table in self.tables:
             contexts = sorted(table)
             ctx_start.append(sum(len(c) for c in ctx_ids))

@@ -97,6 +97,14 @@ def draw(streams: Sequence[Uniforms], device) -> torch.Tensor:
     return torch.tensor([s.next() for s in streams], device=device)[:, None]
 
 
+def stream_of(streams: Sequence[Uniforms | None], row: int) -> Uniforms:
+    """The uniform stream a sampled row draws from (a greedy row has none)."""
+    stream = streams[row]
+    if stream is None:
+        raise ValueError(f"row {row} is sampled but has no stream of uniforms")
+    return stream
+
+
 def sample_next(logits: torch.Tensor, params: Sequence[SamplingParams], seen: torch.Tensor | None,
                 streams: Sequence[Uniforms | None]) -> torch.Tensor:
     """Pick one character per row. logits (rows, vocab); seen (rows, vocab) bool marks the
@@ -119,10 +127,11 @@ def sample_next(logits: torch.Tensor, params: Sequence[SamplingParams], seen: to
     # 1e-30 the quotient stays finite for any logit below 1e8 and the draw is greedy in effect
     temperature = torch.tensor([max(p.temperature, 1e-30) for p in rows], device=device)[:, None]
     if len(sampled) == len(params):
-        return sample_rows(torch.softmax(logits / temperature, dim=1), rows, streams)
+        return sample_rows(torch.softmax(logits / temperature, dim=1), rows, [stream_of(streams, i) for i in sampled])
     index = torch.tensor(sampled, device=device)
     choice = kernels.argmax(logits)
-    choice[index] = sample_rows(torch.softmax(logits[index] / temperature, dim=1), rows, [streams[i] for i in sampled])
+    choice[index] = sample_rows(torch.softmax(logits[index] / temperature, dim=1), rows,
+                                [stream_of(streams, i) for i in sampled])
     return choice
 
 
@@ -179,7 +188,7 @@ def sample_fused(logits: torch.Tensor, params: Sequence[SamplingParams], sampled
                               [p.top_k or vocab for p in params], [p.top_p for p in params])
     todo = sampled
     for _ in range(rounds):
-        survived = sampler.round(todo, [streams[i].next() for i in todo])
+        survived = sampler.round(todo, [stream_of(streams, i).next() for i in todo])
         todo = [i for i, good in zip(todo, survived, strict=True) if not good]
         if not todo:
             break
@@ -190,7 +199,7 @@ def sample_fused(logits: torch.Tensor, params: Sequence[SamplingParams], sampled
         probs = weights / weights.sum(dim=1, keepdim=True)
         top_k = torch.tensor(sampler.top_k, dtype=torch.long)[index, None]
         top_p = torch.tensor(sampler.top_p, dtype=torch.float32)[index, None]
-        picks[index] = sample_sorted(probs, top_k, top_p, [streams[i] for i in todo])
+        picks[index] = sample_sorted(probs, top_k, top_p, [stream_of(streams, i) for i in todo])
     if len(sampled) < len(params):
         greedy = torch.ones(len(params), dtype=torch.bool)
         greedy[sampled] = False
@@ -243,7 +252,8 @@ class NgramBlocker:
     the text (this request's input and output), kept up to date one character at a time."""
 
     def __init__(self, n: int, ids: Sequence[int]):
-        self.n, self.ids, self.followers = n, [], {}
+        self.n, self.ids = n, list[int]()
+        self.followers: dict[tuple[int, ...], set[int]] = {}
         for i in ids:
             self.push(i)
 

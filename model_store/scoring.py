@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from model_store.model import CharLM
+from model_store.mixture import LanguageModel
 from model_store.vocab import UnknownCharactersError, Vocabulary
 
 WINDOW = 4096
@@ -50,7 +50,7 @@ class Score:
 
 
 @torch.no_grad()
-def score_ids(model: CharLM, ids: Sequence[int] | torch.Tensor, per_char: bool = False) -> Score:
+def score_ids(model: LanguageModel, ids: Sequence[int] | torch.Tensor, per_char: bool = False) -> Score:
     """Score ids[1:] given ids[:-1], state carried across windows; per_char keeps each one's nll."""
     device = model.dense.weight.device
     ids = torch.as_tensor(ids, dtype=torch.long, device=device)
@@ -73,7 +73,7 @@ def score_ids(model: CharLM, ids: Sequence[int] | torch.Tensor, per_char: bool =
                  nll=nll.tolist() if per_char else None)
 
 
-def score_text(model: CharLM, vocab: Vocabulary, text: str, unknown: str = "error", per_char: bool = False) -> Score:
+def score_text(model: LanguageModel, vocab: Vocabulary, text: str, unknown: str = "error", per_char: bool = False) -> Score:
     """Score a text. unknown='error' raises UnknownCharactersError naming the characters the
     vocabulary lacks; unknown='skip' drops them and reports how many were dropped (their
     per_char nll is None: the next kept character is predicted from the kept ones before it)."""
@@ -85,7 +85,7 @@ def score_text(model: CharLM, vocab: Vocabulary, text: str, unknown: str = "erro
     kept = "".join(c for c in text if c in vocab) if missing else text
     result = score_ids(model, vocab.encode(kept), per_char=per_char)
     result.unknown_skipped = len(text) - len(kept)
-    if per_char:
+    if per_char and result.nll is not None:
         result.per_char = per_character(text, vocab, result.nll)
     return result
 

@@ -32,7 +32,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from model_store.model import CharLM, State
+from model_store.mixture import LanguageModel
+from model_store.model import State, state_parts
 from model_store.vocab import Vocabulary
 
 PREFIX = "ls1."
@@ -71,7 +72,7 @@ class ModelIdentity:
     vocab_size: int
 
 
-def weights_sha256(model: CharLM) -> str:
+def weights_sha256(model: LanguageModel) -> str:
     """SHA-256 over the model's tensors (names and float32 bytes), computed once per model object."""
     if model not in _fingerprints:
         digest = hashlib.sha256()
@@ -82,7 +83,7 @@ def weights_sha256(model: CharLM) -> str:
     return _fingerprints[model]
 
 
-def model_identity(name: str, model: CharLM, vocab: Vocabulary) -> ModelIdentity:
+def model_identity(name: str, model: LanguageModel, vocab: Vocabulary) -> ModelIdentity:
     c = model.config
     return ModelIdentity(name, weights_sha256(model), vocab.sha256(), c.cell, c.num_layers, c.hidden_size,
                          c.vocab_size)
@@ -117,7 +118,7 @@ class StateCodec:
                   "vocab_size": identity.vocab_size, "last": snapshot.last, "text": snapshot.text[-TEXT_KEPT:],
                   "expires": int(now + self.ttl_s)}
         raw = json.dumps(header, ensure_ascii=False, separators=(",", ":")).encode()
-        tensors = b"".join(little_endian(p.detach().cpu().numpy()).tobytes() for p in parts_of(snapshot.state))
+        tensors = b"".join(little_endian(p.detach().cpu().numpy()).tobytes() for p in state_parts(snapshot.state))
         seen = np.packbits(snapshot.seen.to("cpu").numpy().astype(bool), bitorder="little").tobytes()
         signed = PREFIX + b64encode(struct.pack("<I", len(raw)) + raw + tensors + seen)
         return signed + "." + b64encode(self.mac(signed))
@@ -157,7 +158,7 @@ class OpenedState:
     def model(self) -> str:
         return str(self.header.get("model"))
 
-    def snapshot(self, name: str, model: CharLM, vocab: Vocabulary) -> Snapshot:
+    def snapshot(self, name: str, model: LanguageModel, vocab: Vocabulary) -> Snapshot:
         """The snapshot (on the CPU), if the handle was made by exactly this model; StateError('model_mismatch')
         if not. Its tensors must be laid out as the model's own `init_state(1)`."""
         h, identity, template = self.header, model_identity(name, model, vocab), model.init_state(1, "cpu")
@@ -167,7 +168,7 @@ class OpenedState:
         if h.get("weights") != identity.weights or h.get("vocab") != identity.vocab:
             raise StateError("model_mismatch", f"model {identity.name!r} has changed since the state handle was "
                                                "made (other weights or vocabulary): generate from the whole text again")
-        shapes = [(little_endian(t.cpu().numpy()).dtype, t.shape) for t in parts_of(template)]
+        shapes = [(little_endian(t.cpu().numpy()).dtype, t.shape) for t in state_parts(template)]
         sizes = [dtype.itemsize * int(np.prod(shape)) for dtype, shape in shapes]
         seen_bytes = (identity.vocab_size + 7) // 8
         last, text = h.get("last"), h.get("text", [])  # a handle made before "text" was kept has none
@@ -183,10 +184,6 @@ class OpenedState:
         bits = np.unpackbits(np.frombuffer(self.payload, dtype=np.uint8, offset=offset), bitorder="little")
         seen = torch.from_numpy(bits[:identity.vocab_size].astype(bool))
         return Snapshot(tuple(parts) if isinstance(template, tuple) else parts[0], last, seen, text)
-
-
-def parts_of(state: State) -> tuple[torch.Tensor, ...]:
-    return state if isinstance(state, tuple) else (state,)
 
 
 def little_endian(array: np.ndarray) -> np.ndarray:

@@ -19,6 +19,7 @@ import torch
 
 from model_store.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from model_store.mixture import COMPONENTS, MixtureConfig, MixtureLM
+from model_store.model import CharLM
 from model_store.ngram import KneserNey
 from model_store.scoring import score_ids
 from training.corpus import Corpus, CorpusError, load_corpus
@@ -72,12 +73,17 @@ def target_probs(model: MixtureLM, ids: list[int]) -> tuple[torch.Tensor, torch.
     return table, probs["bucket"][0]
 
 
+def recurrent(ck: Checkpoint) -> CharLM:
+    """The checkpoint's recurrent model; a mixture is refused."""
+    if isinstance(ck.model, MixtureLM):
+        raise ValueError(f"{ck.path} is already a mixture: give the recurrent model it was built from")
+    return ck.model
+
+
 def mix(cfg: MixConfig, log=None) -> dict:
     log = log or (lambda msg: print(msg, file=sys.stderr))
     final, tuner = load_checkpoint(cfg.model), load_checkpoint(cfg.tune_model)
-    for ck in (final, tuner):
-        if isinstance(ck.model, MixtureLM):
-            raise ValueError(f"{ck.path} is already a mixture: give the recurrent model it was built from")
+    final_model, tuner_model = recurrent(final), recurrent(tuner)
     if final.newlines != tuner.newlines or final.config.cell != tuner.config.cell:
         log(f"note: tuning model {tuner.path} differs from {final.path} in cell or newline policy")
     corpus, tune_corpus = corpus_of(final, cfg.corpus), corpus_of(tuner, cfg.corpus)
@@ -97,7 +103,7 @@ def mix(cfg: MixConfig, log=None) -> dict:
         return KneserNey.fit(ids, cfg.order, vocab_size) if cfg.ngram else None
 
     log(f"fitting the mixture weights on the last {len(tune_corpus.val_ids):,} characters of the training part")
-    tune_mixture = MixtureLM(tuner.model, ngram_of(tune_corpus.train_ids, len(tune_corpus.vocab)), uniform).eval()
+    tune_mixture = MixtureLM(tuner_model, ngram_of(tune_corpus.train_ids, len(tune_corpus.vocab)), uniform).eval()
     probs, buckets = target_probs(tune_mixture, tune_corpus.train_ids[-1:] + tune_corpus.val_ids)
     weights = fit_weights(probs, buckets, n_buckets)  # an absent n-gram (probability 0) gets weight 0
     tuned = (weights[buckets] * probs.double()).sum(1).log().mean().neg().exp().item()
@@ -107,7 +113,7 @@ def mix(cfg: MixConfig, log=None) -> dict:
 
     config = MixtureConfig(weights=tuple(tuple(round(float(x), 6) for x in row / row.sum()) for row in weights),
                            cache_order=cfg.cache_order, cache_window=cfg.cache_window)
-    model = MixtureLM(final.model, ngram_of(corpus.train_ids, len(corpus.vocab)), config).eval()
+    model = MixtureLM(final_model, ngram_of(corpus.train_ids, len(corpus.vocab)), config).eval()
     summary = dict(final.training)
     report = {"command": cfg.command, "recurrent_model": str(final.path), "tuning_model": str(tuner.path),
               "tuning_chars": len(tune_corpus.val_ids), "tuning_perplexity": tuned,

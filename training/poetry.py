@@ -53,7 +53,10 @@ def poems(package: str | Path, parts: list[str]) -> Iterator[list[str]]:
         if not members:
             raise CorpusError(f"{package} holds no JSON file of {parts}: is it `npm pack chinese-poetry`'s archive?")
         for member in members:
-            for poem in json.load(archive.extractfile(member)):
+            file = archive.extractfile(member)
+            if file is None:  # a directory or a link: no poems
+                continue
+            for poem in json.load(file):
                 yield poem.get("paragraphs") or []
 
 

@@ -238,7 +238,7 @@ def detach_state(state):
     return tuple(s.detach() for s in state) if isinstance(state, tuple) else state.detach()
 
 
-def train_epoch(model: CharLM, optimizer: torch.optim.Optimizer, corpus: Corpus, cfg: TrainConfig,
+def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, corpus: Corpus, cfg: TrainConfig,
                 rng: random.Random, device: torch.device, progress: tqdm | None = None) -> tuple[float, float, int]:
     """One pass over the training ids: (mean loss, mean pre-clip gradient norm, characters). `progress`,
     a bar counting the epoch's characters (all ranks'), moves after every batch."""

@@ -22,7 +22,8 @@ router = APIRouter(tags=["admin"], include_in_schema=False)
 @router.post("/admin/reload", summary="Reload the model directory")
 async def reload(request: Request, engine: EngineDep, settings: SettingsDep, metrics: MetricsDep) -> dict:
     token = presented_key(dict(request.scope["headers"]), api_key_header=False)
-    if not matches(token, [settings.admin_token.get_secret_value()]):
+    expected = settings.admin_token.get_secret_value() if settings.admin_token is not None else ""
+    if not expected or not matches(token, [expected]):
         raise ApiError(401, "unauthorized", "a valid admin token is required: send 'Authorization: Bearer TOKEN'",
                        headers={"WWW-Authenticate": "Bearer"})
     async with request.app.state.reload_lock:  # one reload at a time

@@ -88,17 +88,18 @@ async def compare(body: CompareRequest, models: ModelsDep, engine: EngineDep, se
         for job, _ in jobs:  # a failure elsewhere stops the generations still running
             job.stop()
     results = []
-    for e, gen_task, score_task in zip(entries, generated, scored, strict=True):
+    for entry, gen_task, score_task in zip(entries, generated, scored, strict=True):
         (completion, latency), (s, score_ms) = gen_task.result(), score_task.result()
-        metrics.generated_chars.labels(e.ck.name).inc(len(completion.generated))
-        metrics.compare_latency.labels(e.ck.name).observe(latency / 1000)
+        metrics.generated_chars.labels(entry.ck.name).inc(len(completion.generated))
+        metrics.compare_latency.labels(entry.ck.name).observe(latency / 1000)
         if s is not None:
-            metrics.scored_chars.labels(e.ck.name).inc(s.chars_scored)
+            metrics.scored_chars.labels(entry.ck.name).inc(s.chars_scored)
         results.append(CompareResult(
-            model=e.ck.name, prefix=e.prefix, text=completion.text, generated=completion.generated,
+            model=entry.ck.name, prefix=entry.prefix, text=completion.text, generated=completion.generated,
             finish_reason=completion.finish_reason, latency_ms=latency,
-            score=score_fields(s, e.text_missing) if s is not None else None, score_ms=score_ms,
-            unknown_skipped=e.skipped, unknown_characters=e.missing if e.skipped else [], provenance=provenance(e.ck)))
+            score=score_fields(s, entry.text_missing) if s is not None else None, score_ms=score_ms,
+            unknown_skipped=entry.skipped,
+            unknown_characters=entry.missing if entry.skipped else [], provenance=provenance(entry.ck)))
     return CompareResponse(prefix=body.prefix, seed=seed, text=body.text, results=results)
 
 
@@ -122,7 +123,7 @@ def prepare(cks: list[Checkpoint], body: CompareRequest) -> list[Entry]:
         except ApiError as e:
             errors += [{**d, "model": ck.name} for d in e.details or []]
             prefix, skipped, missing = "", 0, []
-        text, text_missing = None, []
+        text, text_missing = None, list[str]()
         if body.text is not None:
             text, text_missing, error = scorable_text(ck, body.text, body.unknown, ["body", "text"])
             if error:

@@ -15,7 +15,7 @@ from app.engine import ENGINE_ERRORS, Engine, Job
 from app.errors import ApiError, engine_error, error_body, invalid
 from app.inputs import drop_unknown, model_text, unknown_error
 from app.metrics import Metrics
-from app.schemas import BODY_ERRORS, Choice, ErrorBody, GenerateRequest, GenerateResponse, GenerateUsage
+from app.schemas import BODY_ERRORS, Choice, ContinueFields, ErrorBody, GenerateRequest, GenerateResponse, GenerateUsage
 from app.served import ServedModels
 from app.settings import Settings
 from model_store.checkpoint import Checkpoint
@@ -170,7 +170,7 @@ def constraint_error(e: ConstraintError) -> ApiError:
     return invalid([{"loc": ["body", "constraints", e.field], "msg": str(e), "type": "impossible_constraints"}])
 
 
-def prepare_prefix(ck: Checkpoint, body: GenerateRequest) -> tuple[str, int, list[str]]:
+def prepare_prefix(ck: Checkpoint, body: ContinueFields) -> tuple[str, int, list[str]]:
     prefix = model_text(ck, body.prefix)
     missing = ck.vocab.unknown(prefix)
     skipped = 0

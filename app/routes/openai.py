@@ -102,7 +102,7 @@ class CompletionRequest(StrictBody):
     def unsupported(cls, value, info: ValidationInfo):
         """OpenAI options without a meaning here: accepted at their neutral value (clients send them), else 400."""
         if value:
-            raise PydanticCustomError("unsupported", UNSUPPORTED[info.field_name])
+            raise PydanticCustomError("unsupported", UNSUPPORTED[str(info.field_name)])
         return value
 
     @property
@@ -225,7 +225,10 @@ def logprobs_object(ck: Checkpoint, records: list[CharLogprob], offset: int,
     """OpenAI's logprobs: tokens, their log-probabilities, the top alternatives and offsets from the prompt's
     start. With `echoed` (the prompt's characters after its first) the prompt comes first, its first null."""
     chars = ck.vocab.idx_to_char
-    tokens, values, tops, offsets = [], [], [], []
+    tokens: list[str] = []
+    values: list[float | None] = []
+    tops: list[dict[str, float] | None] = []
+    offsets: list[int] = []
     if echoed is not None and prompt:
         tokens, values, tops, offsets = [prompt[0]], [None], [None], [0]
         records = echoed + records
@@ -325,7 +328,9 @@ def created(ck: Checkpoint) -> int:
     """When the checkpoint was trained (its metadata), else when its file was written; Unix seconds."""
     stamp = ck.training.get("created_at")
     try:
-        return int(datetime.fromisoformat(stamp).timestamp()) if stamp else int(ck.path.stat().st_mtime)
+        if stamp:
+            return int(datetime.fromisoformat(stamp).timestamp())
+        return int(ck.path.stat().st_mtime) if ck.path is not None else 0
     except (ValueError, OSError, TypeError):
         return 0
 
