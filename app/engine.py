@@ -41,7 +41,9 @@ from typing import Any, TypeVar
 
 import torch
 
-from model_store.generate import Batch, Completion, Delta, Generation, Row, cat_state, prefill_rows
+from model_store.batch import Batch, cat_state, prefill_rows
+from model_store.continuation import Completion, Delta, Row
+from model_store.generate import Generation
 
 T = TypeVar("T")
 log = logging.getLogger("app.engine")

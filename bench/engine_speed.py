@@ -41,8 +41,9 @@ sys.path.insert(0, str(ROOT / "bench"))
 from serve_load import PREFIXES, bare_step, start, stop, thread_cpu  # noqa: E402
 
 from app.engine import Engine  # noqa: E402
+from model_store.batch import Batch, prefill_rows  # noqa: E402
 from model_store.checkpoint import load_checkpoint  # noqa: E402
-from model_store.generate import Batch, Generation, prefill_rows  # noqa: E402
+from model_store.generate import Generation  # noqa: E402
 from model_store.registry import BUNDLED_DIR  # noqa: E402
 from model_store.sampling import SamplingParams  # noqa: E402
 

@@ -166,7 +166,7 @@ def bare_step(model, batch: int, steps: int = 300, repeats: int = 5) -> float:
         for _ in range(repeats):
             began = time.perf_counter()
             for _ in range(steps):
-                logits, state = model.step(ids, state)  # the service's own step (model_store.generate.Batch)
+                logits, state = model.step(ids, state)  # the service's own step (model_store.batch.Batch)
                 ids = argmax(logits)
             ids.tolist()  # waits for a GPU to finish
             best = max(best, batch * steps / (time.perf_counter() - began))

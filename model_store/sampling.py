@@ -272,7 +272,7 @@ class NgramBlocker:
 
 
 def block_repeats(logits: torch.Tensor, rows: Sequence, blanks: torch.Tensor | None = None) -> torch.Tensor:
-    """Rule out, per row (generate.Row), the characters its `no_repeat_ngram` bans and, with
+    """Rule out, per row (continuation.Row), the characters its `no_repeat_ngram` bans and, with
     `no_blank_runs` after a blank, the blanks (`blanks`: (vocab,) bool, on the logits' device). Other rows are untouched;
     a row whose every allowed character would be ruled out (a constraint forcing one) keeps them."""
     banned = [(i, sorted(r.ngrams.banned()) if r.ngrams is not None else [],

@@ -23,7 +23,8 @@ from app.routes.perplexity import scorable_text, score_fields
 from app.schemas import BODY_ERRORS, CompareRequest, CompareResponse, CompareResult, ErrorBody, Provenance
 from app.served import ServedModels
 from model_store.checkpoint import Checkpoint
-from model_store.generate import Completion, Generation
+from model_store.continuation import Completion
+from model_store.generate import Generation
 from model_store.registry import describe
 from model_store.scoring import Score, score_text
 

@@ -20,7 +20,8 @@ from app.served import ServedModels
 from app.settings import Settings
 from model_store.checkpoint import Checkpoint
 from model_store.constraints import ConstraintError, Constraints, parse_line_lengths, structure_chars
-from model_store.generate import CharLogprob, Completion, Generation
+from model_store.continuation import CharLogprob, Completion
+from model_store.generate import Generation
 from model_store.state import Snapshot, StateCodec, StateError, model_identity
 
 log = logging.getLogger("app.generate")

@@ -32,7 +32,8 @@ from app.routes.generate import Started, finished, sse, start
 from app.schemas import MAX_LOGPROBS, MAX_SEED, Constraints, GenerateRequest, StrictBody
 from app.settings import Settings
 from model_store.checkpoint import Checkpoint
-from model_store.generate import CharLogprob, Completion, text_logprobs
+from model_store.continuation import CharLogprob, Completion
+from model_store.generate import text_logprobs
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 

@@ -489,7 +489,7 @@ def test_no_repeat_ngram_on_a_row_leaves_its_batch_mates_alone(trained):
     together = []
     for p, s in rows:
         together.append(Generation(trained.model, trained.vocab, "不分开", 40, p, seed=s))
-    from model_store.generate import Batch, prefill_rows
+    from model_store.batch import Batch, prefill_rows
     batch, all_rows = Batch(trained.model, trained.vocab), []
     with torch.no_grad():
         for g in together:
@@ -514,7 +514,7 @@ def test_no_repeat_ngram_of_one_is_refused():
 
 
 def test_when_a_constraint_leaves_only_banned_characters_the_ban_steps_aside():
-    from model_store.generate import Row
+    from model_store.continuation import Row
     from model_store.sampling import NgramBlocker, block_repeats
     row = Row(SamplingParams(no_repeat_ngram=2), None, [], 10, read=[0, 1, 0])  # "aba": after "a", "b" is banned
     assert row.ngrams.banned() == {1}

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model_store.generate import Batch, Generation, prefill_rows, text_logprobs
+from model_store.batch import Batch, prefill_rows
+from model_store.generate import Generation, text_logprobs
 from model_store.mixture import MixtureConfig, MixtureLM
 from model_store.sampling import SamplingParams, decoding
 from model_store.scoring import score_ids
