@@ -4,14 +4,17 @@
                  (bounded)        between steps             one model call            to each Job's
                                                             for all rows              asyncio queue
 
-* `submit(generation, stream)` admits a `model_store.generate.Generation` (or raises
-  `EngineBusy` when the sequences running and waiting would pass max_batch + max_queue)
-  and returns a `Job`: an async iterator of `Delta`s. Closing or cancelling the Job, or its
+* `submit(checkpoint, request, stream)` takes a route's `model_store.generate.Request`, plain
+  data (a prefix, decoding settings, seeds, stops, constraints, a start snapshot), pairs it with
+  the checkpoint's model in a `Generation` (raising what that raises for a request the model
+  cannot run, or `EngineBusy` when the sequences running and waiting would pass max_batch +
+  max_queue) and returns a `Job`: an async iterator of `Delta`s; everything that runs the model
+  runs on the model's scheduler thread. Closing or cancelling the Job, or its
   deadline (`EngineTimeout`), removes its rows from the batch before the next step.
 * The scheduler admits waiting requests between steps while the batch holds fewer than
   max_batch rows; prefixes of one length are prefilled in one call. Each row samples with
   its own settings and generator, so a request gets the text it would get alone.
-* `complete(generation)` runs one to the end; `run(fn, *args)` runs any other blocking call
+* `complete(checkpoint, request)` runs one to the end; `run(fn, *args)` runs any other blocking call
   (scoring) on a small thread pool; `in_flight` counts the sequences being generated,
   `queued` the generations waiting, `finished` the generations done by outcome
   (completed, cancelled, timeout, error).
@@ -42,8 +45,11 @@ from typing import Any, TypeVar
 import torch
 
 from model_store.batch import Batch, cat_state, prefill_rows
+from model_store.checkpoint import Checkpoint
 from model_store.continuation import Completion, Delta, Row
-from model_store.generate import Generation
+from model_store.generate import Generation, Request
+from model_store.mixture import LanguageModel
+from model_store.vocab import Vocabulary
 
 T = TypeVar("T")
 log = logging.getLogger("app.engine")
@@ -68,9 +74,9 @@ ENGINE_ERRORS = (EngineBusy, EngineTimeout, EngineStopped)  # what submit, wait 
 class Job:
     """One submitted generation: iterate it for deltas; closing it stops the generation."""
 
-    def __init__(self, engine: Engine, generation: Generation, stream: bool, label: str = ""):
+    def __init__(self, engine: Engine, generation: Generation, stream: bool, label: str):
         self.engine, self.generation, self.stream, self.label = engine, generation, stream, label
-        self.n = generation.row_count
+        self.n = generation.request.row_count
         self.submitted = time.monotonic()
         self.admitted: float | None = None  # when its rows joined the batch
         self.first_char: float | None = None  # when its first character was generated
@@ -101,6 +107,11 @@ class Job:
     async def wait(self) -> list[Completion]:
         async for _ in self:
             pass
+        return self.completions
+
+    @property
+    def completions(self) -> list[Completion]:
+        """The finished continuations, once the job has ended (empty before)."""
         return self.generation.completions
 
 
@@ -112,8 +123,8 @@ def post_all(posts: list[tuple[asyncio.Queue, Any]]) -> None:
 class Scheduler:
     """The batch of one model and the thread that steps it."""
 
-    def __init__(self, engine: Engine, generation: Generation, retiring: bool = False, label: str = ""):
-        self.engine, self.model, self.vocab, self.label = engine, generation.model, generation.vocab, label
+    def __init__(self, engine: Engine, model: LanguageModel, vocab: Vocabulary, label: str, retiring: bool = False):
+        self.engine, self.model, self.vocab, self.label = engine, model, vocab, label
         self.retiring = retiring  # exit once idle (the model is no longer served); guarded by engine.lock
         self.inbox: list[Job] = []  # guarded by engine.lock
         self.active: set[Job] = set()  # scheduler thread only
@@ -327,19 +338,23 @@ class Engine:
         with self.lock:
             self.pending -= units
 
-    def submit(self, generation: Generation, stream: bool = True, label: str = "") -> Job:
-        """Queue a generation; `label` (the model's name) tags its metrics."""
-        self._admit(generation.row_count)
+    def submit(self, checkpoint: Checkpoint, request: Request, stream: bool = True) -> Job:
+        """Queue a request on the checkpoint's model; the checkpoint's name tags its metrics. Raises what
+        `Generation` raises for a request this model cannot run (ValueError, UnknownCharactersError,
+        ConstraintError) before anything is queued."""
+        model, label = checkpoint.model, checkpoint.name
+        generation = Generation(model, checkpoint.vocab, request)
+        self._admit(request.row_count)
         job = Job(self, generation, stream, label)
         with self.wake:
-            key = id(generation.model)
+            key = id(model)
             scheduler = self.schedulers.get(key)
-            if scheduler is None and generation.model in self.retired:
+            if scheduler is None and model in self.retired:
                 # a request that looked its model up before a reload: served by a scheduler that exits after it
-                scheduler = Scheduler(self, generation, retiring=True, label=label)
+                scheduler = Scheduler(self, model, checkpoint.vocab, label, retiring=True)
                 self.draining.append(scheduler)
             elif scheduler is None:
-                scheduler = self.schedulers[key] = Scheduler(self, generation, label=label)
+                scheduler = self.schedulers[key] = Scheduler(self, model, checkpoint.vocab, label)
             scheduler.inbox.append(job)
             self.queued += 1
             self.jobs.add(job)
@@ -356,8 +371,8 @@ class Engine:
                 self.draining.append(scheduler)
                 self.wake.notify_all()
 
-    async def complete(self, generation: Generation) -> list[Completion]:
-        return await self.submit(generation, stream=False).wait()
+    async def complete(self, checkpoint: Checkpoint, request: Request) -> list[Completion]:
+        return await self.submit(checkpoint, request, stream=False).wait()
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         self._admit(1)

@@ -66,7 +66,7 @@ class Metrics:
         if job.first_char is not None:
             self.first_char.labels(job.label).observe(job.first_char - job.submitted)
         elapsed = time.monotonic() - job.admitted
-        chars = sum(len(c.generated) for c in job.generation.completions)
+        chars = sum(len(c.generated) for c in job.completions)
         if outcome == "completed" and chars and elapsed > 0:
             self.char_rate.labels(job.label).observe(chars / elapsed)
 

@@ -43,7 +43,7 @@ from serve_load import PREFIXES, bare_step, start, stop, thread_cpu  # noqa: E40
 from app.engine import Engine  # noqa: E402
 from model_store.batch import Batch, prefill_rows  # noqa: E402
 from model_store.checkpoint import load_checkpoint  # noqa: E402
-from model_store.generate import Generation  # noqa: E402
+from model_store.generate import Generation, Request  # noqa: E402
 from model_store.registry import BUNDLED_DIR  # noqa: E402
 from model_store.sampling import SamplingParams  # noqa: E402
 
@@ -69,9 +69,9 @@ def bare_step_with_threads(model, batch: int, threads: int) -> float:
     return bare_step(model, batch, steps=200, repeats=3)
 
 
-async def through_engine(engine: Engine, generations: list[Generation]) -> float:
+async def through_engine(engine: Engine, ck, requests: list[Request]) -> float:
     began = time.perf_counter()
-    results = await asyncio.gather(*(engine.complete(g) for g in generations))
+    results = await asyncio.gather(*(engine.complete(ck, r) for r in requests))
     return sum(len(c.generated) for r in results for c in r) / (time.perf_counter() - began)
 
 
@@ -80,12 +80,12 @@ def engine_speed(ck, threads: int, params: SamplingParams, concurrency: int, cha
     engine.start()
     prefixes = usable_prefixes(ck.vocab)
 
-    def load(n: int) -> list[Generation]:
-        return [Generation(ck.model, ck.vocab, prefixes[i % len(prefixes)], chars, params, seed=i) for i in range(n)]
+    def load(n: int) -> list[Request]:
+        return [Request(prefixes[i % len(prefixes)], chars, params, seed=i) for i in range(n)]
 
     try:
-        asyncio.run(through_engine(engine, load(8)))  # warm-up
-        return max(asyncio.run(through_engine(engine, load(concurrency))) for _ in range(repeats))
+        asyncio.run(through_engine(engine, ck, load(8)))  # warm-up
+        return max(asyncio.run(through_engine(engine, ck, load(concurrency))) for _ in range(repeats))
     finally:
         engine.stop()
 
@@ -130,7 +130,7 @@ def step_parts(ck, batch: int, threads: int) -> dict[str, float]:
     parts = {}
     with torch.inference_mode():
         for mode, params in MODES.items():
-            generations = [Generation(ck.model, ck.vocab, prefixes[0], 10**6, params, seed=i) for i in range(batch)]
+            generations = [Generation(ck.model, ck.vocab, Request(prefixes[0], 10**6, params, seed=i)) for i in range(batch)]
             rows = [row for g in generations for row in g.rows(owner=g)]
             stepped = Batch(ck.model, ck.vocab)
             stepped.add(rows, *prefill_rows(ck.model, generations))
@@ -140,7 +140,7 @@ def step_parts(ck, batch: int, threads: int) -> dict[str, float]:
 
         def prefill_each():
             for prefix in prefixes:
-                prefill_rows(ck.model, [Generation(ck.model, ck.vocab, prefix, 50, MODES["greedy"])])
+                prefill_rows(ck.model, [Generation(ck.model, ck.vocab, Request(prefix, 50, MODES["greedy"]))])
 
         parts["prefill of one request"] = best_time(prefill_each, 40) / len(prefixes)
     return parts

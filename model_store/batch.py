@@ -211,15 +211,15 @@ def prefill_rows(model: LanguageModel, generations: Sequence[Generation]) -> tup
     start = model.init_state(len(generations), device)
     seen = numpy.zeros((len(generations), model.config.vocab_size), dtype=bool)
     for i, g in enumerate(generations):
-        if g.start is not None:
-            for whole, part in zip(state_parts(start), state_parts(g.start.state), strict=True):
+        if (given := g.request.start) is not None:
+            for whole, part in zip(state_parts(start), state_parts(given.state), strict=True):
                 whole[:, i] = part[:, 0].to(device)
-            seen[i] = g.start.seen.cpu().numpy()
+            seen[i] = given.seen.cpu().numpy()
         seen[i, g.ids] = True
     logits, state = model(torch.tensor([g.ids for g in generations], device=device), start, last_only=True)
     seen_mask = torch.from_numpy(seen).to(device)
-    if all(g.row_count == 1 for g in generations):
+    if all(g.request.row_count == 1 for g in generations):
         return logits[:, -1], state, seen_mask
-    counts = torch.tensor([g.row_count for g in generations], device=device)
+    counts = torch.tensor([g.request.row_count for g in generations], device=device)
     index = torch.repeat_interleave(torch.arange(len(generations), device=device), counts)
     return logits[:, -1].index_select(0, index), select_state(state, index), seen_mask.index_select(0, index)

@@ -32,7 +32,7 @@ from app.engine import Engine  # noqa: E402
 from app.main import create_app  # noqa: E402
 from app.settings import Settings  # noqa: E402
 from model_store.checkpoint import load_checkpoint  # noqa: E402
-from model_store.generate import Generation, generate  # noqa: E402
+from model_store.generate import Request, generate  # noqa: E402
 from model_store.mixture import MixtureConfig, MixtureLM  # noqa: E402
 from model_store.ngram import KneserNey  # noqa: E402
 from model_store.registry import BUNDLED_DIR, load_directory  # noqa: E402
@@ -117,13 +117,13 @@ def check_app(model_dir: Path, device: str = "cuda", reference: str = "cpu", rel
     return summary, failures
 
 
-async def run_engine(generations: list[Generation]) -> tuple[list[list[str]], float]:
-    """Every generation submitted at once to one engine: their texts and the wall time."""
-    engine = Engine(max_batch=64, max_queue=sum(g.row_count for g in generations))  # rows, best_of candidates too
+async def run_engine(ck, requests: list[Request]) -> tuple[list[list[str]], float]:
+    """Every request submitted at once to one engine: their texts and the wall time."""
+    engine = Engine(max_batch=64, max_queue=sum(r.row_count for r in requests))  # rows, best_of candidates too
     engine.start()
     try:
         t0 = time.perf_counter()
-        results = await asyncio.gather(*(engine.complete(g) for g in generations))
+        results = await asyncio.gather(*(engine.complete(ck, r) for r in requests))
         return [[c.text for c in r] for r in results], time.perf_counter() - t0
     finally:
         engine.stop()
@@ -137,14 +137,14 @@ def check_engine(path: Path, device: str = "cuda") -> tuple[dict, list]:
     ck = load_checkpoint(path, device=device, pack=True)
     prefixes = [p for p in ["窗外", "你说这一句", "手中的铅笔\n", "像", "在屋檐下唱歌", "分开", "我"]
                 if not ck.vocab.unknown(p)][:5]
-    generations = [Generation(ck.model, ck.vocab, prefixes[i % len(prefixes)], 20 + 13 * i,
-                              SamplingParams() if i % 2 else decoding(temperature=0.8, top_p=0.9),  # best_of 8
-                              seed=i, n=1 + i % 3) for i in range(24)]
-    together, _ = asyncio.run(run_engine(generations))
-    alone = [[c.text for c in generate(g.model, g.vocab, g.prefix, g.max_chars, g.params, seed=g.seeds[0], n=g.n)]
-             for g in generations]
+    requests = [Request(prefixes[i % len(prefixes)], 20 + 13 * i,
+                        SamplingParams() if i % 2 else decoding(temperature=0.8, top_p=0.9),  # best_of 8
+                        seed=i, n=1 + i % 3) for i in range(24)]
+    together, _ = asyncio.run(run_engine(ck, requests))
+    alone = [[c.text for c in generate(ck.model, ck.vocab, r.prefix, r.max_chars, r.params, seed=r.seed, n=r.n)]
+             for r in requests]
     greedy_unequal = sampled_unequal = 0
-    for g, a, b in zip(generations, together, alone, strict=True):
+    for g, a, b in zip(requests, together, alone, strict=True):
         if a == b:
             continue
         if g.params.temperature > 0:
@@ -155,12 +155,12 @@ def check_engine(path: Path, device: str = "cuda") -> tuple[dict, list]:
         if gap > 1e-3:
             failures.append(f"engine on {device}: a batched greedy request differs from the same request alone "
                             f"after {common!r} (top-2 logit gap {gap:.2e}, not a tie)")
-    summary.update(requests=len(generations), greedy_unequal=greedy_unequal, sampled_unequal=sampled_unequal)
+    summary.update(requests=len(requests), greedy_unequal=greedy_unequal, sampled_unequal=sampled_unequal)
     for dev in (device, "cpu"):
         model = ck if dev == device else load_checkpoint(path, device="cpu", pack=True)
-        load = [Generation(model.model, model.vocab, prefixes[i % len(prefixes)], 200) for i in range(64)]
-        asyncio.run(run_engine(load[:8]))  # warm-up
-        texts, seconds = asyncio.run(run_engine(load))
+        load = [Request(prefixes[i % len(prefixes)], 200) for i in range(64)]
+        asyncio.run(run_engine(model, load[:8]))  # warm-up
+        texts, seconds = asyncio.run(run_engine(model, load))
         summary[f"chars_per_s_c64_{dev}"] = round(sum(len(t) for r in texts for t in r) / seconds)
     return summary, failures
 

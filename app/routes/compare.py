@@ -24,7 +24,7 @@ from app.schemas import BODY_ERRORS, CompareRequest, CompareResponse, CompareRes
 from app.served import ServedModels
 from model_store.checkpoint import Checkpoint
 from model_store.continuation import Completion
-from model_store.generate import Generation
+from model_store.generate import Request
 from model_store.registry import describe
 from model_store.scoring import Score, score_text
 
@@ -75,8 +75,8 @@ async def compare(body: CompareRequest, models: ModelsDep, engine: EngineDep, se
     jobs: list[tuple[Job, float]] = []
     try:
         for e in entries:
-            generation = Generation(e.ck.model, e.ck.vocab, e.prefix, body.max_chars, params, body.stop, seed)
-            jobs.append((engine.submit(generation, stream=False, label=e.ck.name), time.perf_counter()))
+            request = Request(e.prefix, body.max_chars, params, body.stop, seed)
+            jobs.append((engine.submit(e.ck, request, stream=False), time.perf_counter()))
         async with asyncio.TaskGroup() as group:
             generated = [group.create_task(finished(job, start)) for job, start in jobs]
             scored = [group.create_task(score(engine, e, body.unknown)) for e in entries]

@@ -21,7 +21,7 @@ from app.settings import Settings
 from model_store.checkpoint import Checkpoint
 from model_store.constraints import ConstraintError, Constraints, parse_line_lengths, structure_chars
 from model_store.continuation import CharLogprob, Completion
-from model_store.generate import Generation
+from model_store.generate import Request
 from model_store.state import Snapshot, StateCodec, StateError, model_identity
 
 log = logging.getLogger("app.generate")
@@ -109,15 +109,13 @@ def start(body: GenerateRequest, models: ServedModels, engine: Engine, settings:
     ck, start_from = open_state(body, models, codec)
     prefix, skipped, missing = prepare_prefix(ck, body)
     constraints = read_constraints(body, settings, max_chars_given)
-    try:
-        generation = Generation(ck.model, ck.vocab, prefix, body.max_chars, body.sampling(), body.stop, body.seed,
-                                body.n, start=start_from, keep_state=body.return_state, constraints=constraints,
-                                logprobs=body.logprobs)
-    except ConstraintError as e:
-        raise constraint_error(e) from e
+    request = Request(prefix, body.max_chars, body.sampling(), body.stop, body.seed, body.n, start=start_from,
+                      keep_state=body.return_state, constraints=constraints, logprobs=body.logprobs)
     seal = sealer(codec, ck) if body.return_state and codec is not None else None
     try:
-        job = engine.submit(generation, stream=body.stream, label=ck.name)
+        job = engine.submit(ck, request, stream=body.stream)
+    except ConstraintError as e:
+        raise constraint_error(e) from e
     except ENGINE_ERRORS as e:
         raise engine_error(e) from e
     return Started(job, ck, prefix, skipped, missing, seal)
@@ -223,7 +221,7 @@ async def events(run: Started, metrics: Metrics) -> AsyncIterator[str]:
             if delta.logprobs is not None:
                 chunk["logprobs"] = logprobs_json(run.ck, delta.logprobs)
             yield sse(chunk)
-        yield sse(answer(run, run.job.generation.completions).model_dump(), event="final")
+        yield sse(answer(run, run.job.completions).model_dump(), event="final")
     except Exception as e:  # after the answer has started: the error goes in the stream
         error = engine_error(e)
         yield sse(error_body(error.type, error.message), event="error")

@@ -281,7 +281,7 @@ async def stream(runs: list[Started], echoes: list, body: CompletionRequest, hea
                     logprobs = logprobs_object(run.ck, delta.logprobs, len(run.prefix) + offsets[p][delta.index])
                 offsets[p][delta.index] += len(delta.text)
                 await queue.put(chunk(p * body.n + delta.index, delta.text, logprobs, None))
-            for i, c in enumerate(run.job.generation.completions):
+            for i, c in enumerate(run.job.completions):
                 await queue.put(chunk(p * body.n + i, "", None, c.finish_reason))
         except Exception as e:  # after the answer has started: the error goes in the stream
             error = engine_error(e)
@@ -300,7 +300,7 @@ async def stream(runs: list[Started], echoes: list, body: CompletionRequest, hea
             else:
                 yield item
         if body.stream_options and body.stream_options.include_usage:
-            done = [run.job.generation.completions for run in runs]
+            done = [run.job.completions for run in runs]
             yield sse({**head, "object": "text_completion", "choices": [], "usage": usage(runs, done).model_dump()})
     finally:
         for task in tasks:

@@ -11,7 +11,7 @@ from api_helpers import assert_error, metric
 
 from app.settings import Settings
 from model_store.checkpoint import save_checkpoint
-from model_store.generate import Generation, generate
+from model_store.generate import Request, generate
 from model_store.model import CharLM, ModelConfig
 from model_store.sampling import decoding
 from model_store.scoring import score_text
@@ -210,7 +210,7 @@ async def settled(engine) -> None:
 async def test_each_model_runs_in_its_own_batch_beside_other_requests(app_client, checkpoints):
     app, client = app_client
     served = app.state.models.models
-    other = app.state.engine.submit(Generation(served["gru"].model, served["gru"].vocab, "手中", 50), stream=False)
+    other = app.state.engine.submit(served["gru"], Request("手中", 50), stream=False)
     body = (await post(client, prefix="分开", max_chars=30, seed=21)).json()
     await other.wait()
     assert set(app.state.engine.schedulers) == {id(ck.model) for ck in served.values()}  # one per model, no more

@@ -10,8 +10,11 @@ import pytest
 import torch
 
 from app.engine import Engine, EngineBusy, EngineStopped, EngineTimeout
-from model_store.generate import Generation, generate
+from model_store.constraints import ConstraintError, Constraints
+from model_store.generate import Request, generate
 from model_store.sampling import SamplingParams
+from model_store.state import Snapshot
+from model_store.vocab import UnknownCharactersError
 
 pytestmark = pytest.mark.anyio
 
@@ -24,8 +27,8 @@ def engine():
     engine.stop()
 
 
-def long_generation(ck, n=2) -> Generation:
-    return Generation(ck.model, ck.vocab, "分开", 1_000_000, SamplingParams(temperature=1.0), seed=0, n=n)
+def long_request(n=2) -> Request:
+    return Request("分开", 1_000_000, SamplingParams(temperature=1.0), seed=0, n=n)
 
 
 async def wait_until(condition, seconds=5.0):
@@ -37,9 +40,9 @@ async def wait_until(condition, seconds=5.0):
 
 async def test_streamed_deltas_add_up_to_model_store_output(engine, checkpoints):
     ck = checkpoints["gru"]
-    generation = Generation(ck.model, ck.vocab, "分开", 40, SamplingParams(temperature=0.8), seed=3, n=2)
+    request = Request("分开", 40, SamplingParams(temperature=0.8), seed=3, n=2)
     texts = {0: "", 1: ""}
-    async for delta in engine.submit(generation):
+    async for delta in engine.submit(ck, request):
         texts[delta.index] += delta.text
     expected = generate(ck.model, ck.vocab, "分开", 40, SamplingParams(temperature=0.8), seed=3, n=2)
     assert [texts[0], texts[1]] == [c.generated for c in expected]
@@ -48,12 +51,12 @@ async def test_streamed_deltas_add_up_to_model_store_output(engine, checkpoints)
 
 async def test_complete_returns_the_completions(engine, checkpoints):
     ck = checkpoints["rnn"]
-    completions = await engine.complete(Generation(ck.model, ck.vocab, "分开", 25))
+    completions = await engine.complete(ck, Request("分开", 25))
     assert completions == generate(ck.model, ck.vocab, "分开", 25)
 
 
 async def test_closing_the_stream_stops_the_generation(engine, checkpoints):
-    job = engine.submit(long_generation(checkpoints["gru"], n=2))
+    job = engine.submit(checkpoints["gru"], long_request(n=2))
     deltas = aiter(job)
     await anext(deltas)
     assert engine.in_flight == 2
@@ -68,7 +71,7 @@ async def test_cancelling_the_consumer_stops_the_generation(engine, checkpoints)
         async for _ in job:
             pass
 
-    job = engine.submit(long_generation(checkpoints["gru"], n=1))
+    job = engine.submit(checkpoints["gru"], long_request(n=1))
     with anyio.move_on_after(0.2):
         await consume(job)
     await wait_until(lambda: engine.in_flight == 0)
@@ -81,7 +84,7 @@ async def test_the_deadline_stops_a_generation(checkpoints):
     try:
         start = time.monotonic()
         with pytest.raises(EngineTimeout):
-            await engine.complete(long_generation(checkpoints["gru"], n=1))
+            await engine.complete(checkpoints["gru"], long_request(n=1))
         assert time.monotonic() - start < 5
         assert engine.finished["timeout"] == 1 and engine.in_flight == 0
     finally:
@@ -90,10 +93,10 @@ async def test_the_deadline_stops_a_generation(checkpoints):
 
 async def test_admission_is_bounded_by_batch_and_queue(engine, checkpoints):
     ck = checkpoints["gru"]
-    jobs = [engine.submit(long_generation(ck, n=1)) for _ in range(3)]  # a batch of 2 + 1 queued
+    jobs = [engine.submit(ck, long_request(n=1)) for _ in range(3)]  # a batch of 2 + 1 queued
     await wait_until(lambda: engine.in_flight == 2 and engine.queued == 1)
     with pytest.raises(EngineBusy):
-        engine.submit(long_generation(ck, n=1))
+        engine.submit(ck, long_request(n=1))
     with pytest.raises(EngineBusy):
         await engine.run(sum, [1, 2])
     for job in jobs:
@@ -109,8 +112,8 @@ async def test_stop_ends_every_job(checkpoints):
     engine = Engine(max_batch=1, max_queue=2, timeout_s=30)
     engine.start()
     ck = checkpoints["gru"]
-    running = engine.submit(long_generation(ck, n=1))
-    waiting = engine.submit(long_generation(ck, n=1))
+    running = engine.submit(ck, long_request(n=1))
+    waiting = engine.submit(ck, long_request(n=1))
     await wait_until(lambda: engine.in_flight == 1)
     engine.stop()
     assert not engine.running and engine.in_flight == 0
@@ -118,16 +121,26 @@ async def test_stop_ends_every_job(checkpoints):
     with pytest.raises(EngineStopped):
         await waiting.wait()
     with pytest.raises(EngineBusy):
-        engine.submit(long_generation(ck, n=1))
+        engine.submit(ck, long_request(n=1))
+
+
+async def test_a_request_the_model_cannot_run_is_refused_before_it_queues(engine, checkpoints):
+    ck = checkpoints["gru"]
+    with pytest.raises(UnknownCharactersError):
+        engine.submit(ck, Request("分开\u2603", 10))
+    with pytest.raises(ConstraintError):
+        engine.submit(ck, Request("分开", 3, constraints=Constraints(lines=5)))
+    assert engine.pending == 0 and engine.queued == 0 and not engine.jobs and not engine.schedulers
 
 
 async def test_a_failing_request_fails_alone(engine, checkpoints):
     ck = checkpoints["gru"]
-    broken = Generation(ck.model, ck.vocab, "分开", 10)
-    broken.ids = [10**6]  # past the vocabulary: the prefill raises
-    good = engine.submit(Generation(ck.model, ck.vocab, "你说", 10), stream=False)
+    # a start snapshot whose last character is past the vocabulary: the prefill raises
+    broken = Request("分开", 10, start=Snapshot(ck.model.init_state(1), 10**6,
+                                               torch.zeros(ck.config.vocab_size, dtype=torch.bool), []))
+    good = engine.submit(ck, Request("你说", 10), stream=False)
     with pytest.raises(IndexError):
-        await engine.complete(broken)
+        await engine.complete(ck, broken)
     assert await good.wait() == generate(ck.model, ck.vocab, "你说", 10)
     assert engine.finished["error"] == 1 and engine.in_flight == 0
 
@@ -148,9 +161,9 @@ async def test_a_scheduler_fault_fails_the_running_requests_and_the_engine_keeps
     monkeypatch.setattr(Scheduler, "retire_stopped", faulty_once)
     with pytest.raises(RuntimeError, match="injected"):
         with anyio.fail_after(10):  # the fault must end the request, not leave it waiting
-            await engine.complete(Generation(ck.model, ck.vocab, "分开", 10))
+            await engine.complete(ck, Request("分开", 10))
     assert engine.finished["error"] == 1 and engine.in_flight == 0
-    assert await engine.complete(Generation(ck.model, ck.vocab, "你说", 10)) == generate(ck.model, ck.vocab, "你说", 10)
+    assert await engine.complete(ck, Request("你说", 10)) == generate(ck.model, ck.vocab, "你说", 10)
 
 
 # Mixed requests for the batching tests: models, prefix lengths (some equal, so prefilled
@@ -173,10 +186,9 @@ def alone(ck, request: dict):
                     request["seed"], request["n"])
 
 
-def generation(ck, request: dict) -> Generation:
+def as_request(ck, request: dict) -> Request:
     prefix = request["prefix"].replace("\n", " ") if ck.newlines == "space" else request["prefix"]
-    return Generation(ck.model, ck.vocab, prefix, request["max_chars"], request["params"], request["stop"],
-                      request["seed"], request["n"])
+    return Request(prefix, request["max_chars"], request["params"], request["stop"], request["seed"], request["n"])
 
 
 async def test_concurrent_mixed_requests_each_get_what_they_would_get_alone(checkpoints):
@@ -189,14 +201,15 @@ async def test_concurrent_mixed_requests_each_get_what_they_would_get_alone(chec
 
     async def consume(i, request):
         nonlocal peak
-        job = engine.submit(generation(checkpoints[request["model"]], request), stream=i % 2 == 0)
+        ck = checkpoints[request["model"]]
+        job = engine.submit(ck, as_request(ck, request), stream=i % 2 == 0)
         streamed[i] = {}
         async for delta in job:
             streamed[i][delta.index] = streamed[i].get(delta.index, "") + delta.text
             # each model's batch: a job whose other rows finished stays in flight, so in_flight may pass
             # max_batch for a moment while the batches themselves never do
             peak = max([peak, *(len(s.batch.rows) for s in list(engine.schedulers.values()))])
-        completions[i] = job.generation.completions
+        completions[i] = job.completions
 
     try:
         async with anyio.create_task_group() as tg:
@@ -220,10 +233,10 @@ async def test_a_stream_closed_mid_way_leaves_its_batch_mates_untouched(checkpoi
     engine.start()
     ck = checkpoints["gru"]
     try:
-        doomed = engine.submit(long_generation(ck, n=3))
+        doomed = engine.submit(ck, long_request(n=3))
         request = dict(prefix="你说", max_chars=300, params=SamplingParams(temperature=0.9, top_p=0.9), stop=(),
                        seed=5, n=2)
-        mate = engine.submit(generation(ck, request), stream=False)
+        mate = engine.submit(ck, as_request(ck, request), stream=False)
         deltas = aiter(doomed)
         await anext(deltas)
         await wait_until(lambda: engine.in_flight == 5)
@@ -252,7 +265,7 @@ async def test_only_the_scheduler_threads_get_torch_intra_op_threads(checkpoints
     engine = Engine(threads=3)
     engine.start()
     try:
-        await engine.complete(Generation(ck.model, ck.vocab, "分开", 5))
+        await engine.complete(ck, Request("分开", 5))
         assert set(seen_in_forward) == {3}
         assert await engine.run(torch.get_num_threads) == 1
     finally:

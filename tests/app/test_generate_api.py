@@ -261,12 +261,12 @@ async def test_deadline_is_504_or_an_error_event(make_client, model_dir):
 
 
 async def test_busy_engine_answers_503_with_retry_after(make_client, model_dir, checkpoints):
-    from model_store.generate import Generation
+    from model_store.generate import Request
 
     settings = Settings(model_dir=model_dir, device="cpu", max_batch=1, max_queue=0)
     async with make_client(settings) as (app, client):
         ck = checkpoints["gru"]
-        job = app.state.engine.submit(Generation(ck.model, ck.vocab, "分开", 100_000))
+        job = app.state.engine.submit(ck, Request("分开", 100_000))
         try:
             r = await post(client, prefix="分开")
             assert_error(r, 503, "busy")

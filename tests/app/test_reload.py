@@ -11,7 +11,7 @@ import pytest
 from app.engine import Engine
 from app.settings import Settings
 from model_store.checkpoint import load_checkpoint
-from model_store.generate import Generation
+from model_store.generate import Request
 from tests.app.api_helpers import assert_error
 
 pytestmark = pytest.mark.anyio
@@ -138,7 +138,7 @@ async def test_a_retired_model_finishes_its_work_and_a_late_request_still_runs(m
     engine.start()
     try:
         ck = load_checkpoint(model_dir / "gru.safetensors")
-        running = engine.submit(Generation(ck.model, ck.vocab, "分开", 400), stream=False)
+        running = engine.submit(ck, Request("分开", 400), stream=False)
         scheduler = engine.schedulers[id(ck.model)]
         engine.retire(ck.model)
         assert id(ck.model) not in engine.schedulers
@@ -146,7 +146,7 @@ async def test_a_retired_model_finishes_its_work_and_a_late_request_still_runs(m
         scheduler.thread.join(5)
         assert not scheduler.thread.is_alive() and scheduler not in engine.draining
 
-        late = await engine.complete(Generation(ck.model, ck.vocab, "分开", 5))  # looked up before the swap
+        late = await engine.complete(ck, Request("分开", 5))  # looked up before the swap
         assert len(late[0].generated) == 5
         assert id(ck.model) not in engine.schedulers
         for s in list(engine.draining):

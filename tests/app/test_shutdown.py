@@ -22,15 +22,15 @@ from api_helpers import free_port, read_tail, start_server, stream_parts, wait_r
 from conftest import CORPUS
 
 from app.engine import Engine, EngineBusy
-from model_store.generate import Generation
+from model_store.generate import Request
 from model_store.sampling import SamplingParams
 from training.train import TrainConfig, train
 
 LYRICS = str(Path(sys.executable).parent / "lyrics")
 
 
-def generation(ck, max_chars: int) -> Generation:
-    return Generation(ck.model, ck.vocab, "分开", max_chars, SamplingParams(temperature=1.0), seed=0)
+def sampled(max_chars: int) -> Request:
+    return Request("分开", max_chars, SamplingParams(temperature=1.0), seed=0)
 
 
 @pytest.mark.anyio
@@ -39,7 +39,7 @@ async def test_drain_refuses_new_work_and_lets_running_work_finish(checkpoints):
     engine.start()
     ck = checkpoints["gru"]
     try:
-        jobs = [engine.submit(generation(ck, 400)) for _ in range(3)]
+        jobs = [engine.submit(ck, sampled(400)) for _ in range(3)]
         drained = []
         async with anyio.create_task_group() as tg:
             async def drain():
@@ -47,7 +47,7 @@ async def test_drain_refuses_new_work_and_lets_running_work_finish(checkpoints):
             tg.start_soon(drain)
             await anyio.sleep(0.01)
             with pytest.raises(EngineBusy, match="shutting down"):
-                engine.submit(generation(ck, 10))
+                engine.submit(ck, sampled(10))
             with pytest.raises(EngineBusy):
                 await engine.run(sum, [1])
             completions = [await job.wait() for job in jobs]
@@ -62,7 +62,7 @@ async def test_drain_refuses_new_work_and_lets_running_work_finish(checkpoints):
 async def test_drain_timeout_then_stop_cancels_what_is_left(checkpoints):
     engine = Engine(max_batch=4, max_queue=4, timeout_s=30)
     engine.start()
-    job = engine.submit(generation(checkpoints["gru"], 1_000_000))
+    job = engine.submit(checkpoints["gru"], sampled(1_000_000))
     t0 = time.monotonic()
     assert await engine.drain(0.2) is False
     assert 0.2 <= time.monotonic() - t0 < 2.0

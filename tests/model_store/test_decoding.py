@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from model_store.constraints import Constraints
-from model_store.generate import Generation, candidate_seed, generate
+from model_store.generate import Generation, Request, candidate_seed, generate
 from model_store.mixture import MixtureConfig, MixtureLM, for_generation
 from model_store.sampling import LYRIC_DEFAULTS, SamplingParams, decoding
 from model_store.scoring import score_ids
@@ -87,7 +87,7 @@ def test_best_of_is_reproducible_and_each_choice_equals_it_alone(model):
 
 
 def test_best_of_streams_exactly_its_final_text(model):
-    generation = Generation(model, VOCAB, "ab", 37, decoding(best_of=3, best_of_chars=4), seed=2, n=2)
+    generation = Generation(model, VOCAB, Request("ab", 37, decoding(best_of=3, best_of_chars=4), seed=2, n=2))
     streamed = {0: "", 1: ""}
     for delta in generation:
         streamed[delta.index] += delta.text
@@ -106,8 +106,8 @@ def test_best_of_keeps_stop_strings_and_constraints(model):
 
 
 def test_a_row_budget_counts_every_candidate(model):
-    assert Generation(model, VOCAB, "ab", 10, decoding(best_of=6), n=2).row_count == 12
-    assert Generation(model, VOCAB, "ab", 10, decoding(temperature=0), n=2).row_count == 2
+    assert Request("ab", 10, decoding(best_of=6), n=2).row_count == 12
+    assert Request("ab", 10, decoding(temperature=0), n=2).row_count == 2
 
 
 def test_a_mixture_generates_from_its_recurrent_model_alone_and_still_scores_with_its_cache(model):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from model_store import kernels
-from model_store.generate import Generation, generate
+from model_store.generate import Generation, Request, generate
 from model_store.model import CharLM, ModelConfig
 from model_store.sampling import SamplingParams, Uniforms, sample_next
 from model_store.vocab import UnknownCharactersError, Vocabulary, one_hot
@@ -280,7 +280,7 @@ def test_rows_stop_independently(wild):
 
 def test_streamed_deltas_add_up_to_the_completions_and_never_show_a_stop_string(trained):
     stop = "love"
-    gen = Generation(trained.model, trained.vocab, "分开", max_chars=40, stop=[stop])
+    gen = Generation(trained.model, trained.vocab, Request("分开", max_chars=40, stop=[stop]))
     deltas = list(gen)
     streamed = "".join(d.text for d in deltas)
     [c] = gen.completions
@@ -488,7 +488,7 @@ def test_no_repeat_ngram_on_a_row_leaves_its_batch_mates_alone(trained):
     alone = [generate(trained.model, trained.vocab, "不分开", 40, p, seed=s)[0].text for p, s in rows]
     together = []
     for p, s in rows:
-        together.append(Generation(trained.model, trained.vocab, "不分开", 40, p, seed=s))
+        together.append(Generation(trained.model, trained.vocab, Request("不分开", 40, p, seed=s)))
     from model_store.batch import Batch, prefill_rows
     batch, all_rows = Batch(trained.model, trained.vocab), []
     with torch.no_grad():

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from model_store.batch import Batch, prefill_rows
-from model_store.generate import Generation, text_logprobs
+from model_store.generate import Generation, Request, text_logprobs
 from model_store.mixture import MixtureConfig, MixtureLM
 from model_store.sampling import SamplingParams, decoding
 from model_store.scoring import score_ids
@@ -28,7 +28,7 @@ def run(generation: Generation) -> tuple[list, list]:
 @pytest.mark.parametrize("params", [SamplingParams(), decoding(), decoding(0.9, top_k=3, best_of=4, best_of_chars=3)],
                          ids=["greedy", "lyric defaults", "best_of"])
 def test_each_generated_character_has_the_log_probability_that_scoring_gives_it(model, params):
-    [c], _ = run(Generation(model, VOCAB, "ab", 30, params, seed=5, logprobs=3))
+    [c], _ = run(Generation(model, VOCAB, Request("ab", 30, params, seed=5, logprobs=3)))
     assert len(c.logprobs) == len(c.generated) == 30
     assert VOCAB.decode([lp.id for lp in c.logprobs]) == c.generated
     nll = score_ids(model, VOCAB.encode(c.text), per_char=True).nll[1:]  # the characters after the prefix
@@ -41,8 +41,8 @@ def test_each_generated_character_has_the_log_probability_that_scoring_gives_it(
 
 
 def test_streamed_deltas_carry_their_characters_log_probabilities(model):
-    generation = Generation(model, VOCAB, "ab", 40, decoding(best_of=3, best_of_chars=4), stop=["h\n"], seed=2,
-                            n=2, logprobs=2)
+    generation = Generation(model, VOCAB, Request("ab", 40, decoding(best_of=3, best_of_chars=4), stop=["h\n"], seed=2,
+                            n=2, logprobs=2))
     completions, deltas = run(generation)
     for c in completions:
         mine = [d for d in deltas if d.index == completions.index(c)]
@@ -52,24 +52,24 @@ def test_streamed_deltas_carry_their_characters_log_probabilities(model):
 
 
 def test_a_stripped_stop_string_takes_its_log_probabilities_with_it(model):
-    [free], _ = run(Generation(model, VOCAB, "ab", 60, decoding(), seed=3, logprobs=1))
+    [free], _ = run(Generation(model, VOCAB, Request("ab", 60, decoding(), seed=3, logprobs=1)))
     stop = free.generated[10:12]
-    [c], _ = run(Generation(model, VOCAB, "ab", 60, decoding(), stop=[stop], seed=3, logprobs=1))
+    [c], _ = run(Generation(model, VOCAB, Request("ab", 60, decoding(), stop=[stop], seed=3, logprobs=1)))
     assert c.finish_reason == "stop" and len(c.logprobs) == len(c.generated)
     assert c.logprobs == free.logprobs[:len(c.generated)]
 
 
 def test_without_logprobs_nothing_is_recorded_and_zero_records_the_characters_alone(model):
-    [c], deltas = run(Generation(model, VOCAB, "ab", 10, seed=1))
+    [c], deltas = run(Generation(model, VOCAB, Request("ab", 10, seed=1)))
     assert c.logprobs is None and all(d.logprobs is None for d in deltas)
-    [c], _ = run(Generation(model, VOCAB, "ab", 10, seed=1, logprobs=0))
+    [c], _ = run(Generation(model, VOCAB, Request("ab", 10, seed=1, logprobs=0)))
     assert len(c.logprobs) == 10 and all(lp.top == [] for lp in c.logprobs)
 
 
 def test_a_row_records_the_same_numbers_alone_and_beside_others(model):
-    alone, _ = run(Generation(model, VOCAB, "ab", 20, decoding(), seed=9, logprobs=2))
+    alone, _ = run(Generation(model, VOCAB, Request("ab", 20, decoding(), seed=9, logprobs=2)))
     batch = Batch(model, VOCAB)
-    gens = [Generation(model, VOCAB, p, 20, decoding(), seed=s, logprobs=k) for p, s, k in
+    gens = [Generation(model, VOCAB, Request(p, 20, decoding(), seed=s, logprobs=k)) for p, s, k in
             (("ab", 9, 2), ("cd", 1, None), ("ef", 4, 5))]
     rows = [g.rows() for g in gens]
     with torch.no_grad():
@@ -83,7 +83,7 @@ def test_a_row_records_the_same_numbers_alone_and_beside_others(model):
 
 
 def test_prompt_log_probabilities_match_those_of_generated_characters(model):
-    [c], _ = run(Generation(model, VOCAB, "abc", 12, SamplingParams(), logprobs=2))
+    [c], _ = run(Generation(model, VOCAB, Request("abc", 12, SamplingParams(), logprobs=2)))
     scored = text_logprobs(model, VOCAB.encode(c.text), 2)
     assert len(scored) == len(c.text) - 1
     assert [s.id for s in scored[2:]] == [lp.id for lp in c.logprobs]
@@ -93,7 +93,7 @@ def test_prompt_log_probabilities_match_those_of_generated_characters(model):
 
 def test_a_mixture_reports_the_numbers_of_the_recurrent_model_that_writes(model):
     mixture = MixtureLM(model, None, MixtureConfig(weights=((0.5, 0.0, 0.5),) * 7)).eval()
-    [c], _ = run(Generation(mixture, VOCAB, "ab", 15, SamplingParams(), logprobs=1))
-    [plain], _ = run(Generation(model, VOCAB, "ab", 15, SamplingParams(), logprobs=1))
+    [c], _ = run(Generation(mixture, VOCAB, Request("ab", 15, SamplingParams(), logprobs=1)))
+    [plain], _ = run(Generation(model, VOCAB, Request("ab", 15, SamplingParams(), logprobs=1)))
     assert c.generated == plain.generated
     assert [lp.logprob for lp in c.logprobs] == pytest.approx([lp.logprob for lp in plain.logprobs], abs=1e-5)
