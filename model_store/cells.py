@@ -82,11 +82,12 @@ CELLS = {"rnn": (rnn_cell, rnn_cell_backward), "gru": (gru_cell, gru_cell_backwa
 
 def recurrence(cell, xg, h0, c0, w_hh, b_hh, packed_hh=None):
     """One layer over all steps (see `Recurrence`): through `Recurrence` when a gradient is wanted,
-    else a plain loop that keeps nothing for a backward pass (generation, scoring), with
-    H_{t-1} W_hh from `packed_hh` (onednn.PackedLinear) when given."""
+    else without keeping anything for a backward pass (scoring; a generation step of a model that
+    is not packed), with H_{t-1} W_hh from `packed_hh` (onednn.PackedLinear) when given. Every
+    step's products stay on oneDNN here, not kernels.c's: with a packed weight a row's result is then
+    the same at every batch size."""
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (xg, h0, c0, w_hh, b_hh)):
         return Recurrence.apply(cell, xg, h0, c0, w_hh, b_hh)
-    step = CELLS[cell][0]
     if packed_hh is not None:
         hidden = packed_hh
     elif len(xg) > 1:  # packing W_hh pays off over many steps, not for one
@@ -98,12 +99,24 @@ def recurrence(cell, xg, h0, c0, w_hh, b_hh, packed_hh=None):
         hs, cs, _ = kernels.forward(cell, xg.contiguous(), h0.contiguous(),
                                     c0.contiguous() if c0 is not None else None, hidden, keep=False)
         return hs, (cs[-1] if cs is not None else None)
+    hs, c_last, _, _ = steps(cell, xg, h0, c0, hidden, keep=False)
+    return hs, c_last
+
+
+def steps(cell, xg, h0, c0, hidden, keep: bool):
+    """A layer's steps as torch ops, the reference: every step's H, the last C, and with `keep` what
+    the backward needs (the C before each step and each step's saved tensors); hidden(H) = H W_hh^T + b_hh."""
+    step = CELLS[cell][0]
     H, C = h0, c0
-    hs = []
+    hs, cs, saved = [], [], []
     for x_t in xg.unbind(0):
-        H, C, _ = step(x_t, hidden(H), H, C)
+        if keep:
+            cs.append(C)
+        H, C, s = step(x_t, hidden(H), H, C)
         hs.append(H)
-    return (H[None] if len(hs) == 1 else torch.stack(hs)), C
+        if keep:
+            saved.append(s)
+    return torch.stack(hs), C, cs, saved
 
 
 class Recurrence(torch.autograd.Function):
@@ -112,7 +125,6 @@ class Recurrence(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, cell, xg, h0, c0, w_hh, b_hh):
-        step = CELLS[cell][0]
         ctx.cell = cell
         ctx.fused = kernels.applies(xg, h0, c0, w_hh)
         ctx.autocast = (xg.device.type, torch.is_autocast_enabled(xg.device.type),
@@ -128,16 +140,8 @@ class Recurrence(torch.autograd.Function):
                 hs, cs, saved = kernels.forward(cell, xg.contiguous(), h0, c0, fixed(w_hh, b_hh), keep=True)
             ctx.save_for_backward(h0, c0, hs, cs, saved, w_hh)
             return hs, cs[-1] if cs is not None else h0.new_zeros(())
-        H, C = h0, c0
-        hs, cs, saved = [], [], []
-        hidden = fixed(w_hh, b_hh)  # H_{t-1} W_hh + b_hh, on oneDNN with W_hh packed once (onednn.py)
-        for x_t in xg.unbind(0):
-            cs.append(C)
-            H, C, s = step(x_t, hidden(H), H, C)
-            hs.append(H)
-            saved.append(s)
-        ctx.saved, ctx.cs = saved, cs
-        hs = torch.stack(hs)
+        # H_{t-1} W_hh + b_hh, on oneDNN with W_hh packed once (onednn.py)
+        hs, C, ctx.cs, ctx.saved = steps(cell, xg, h0, c0, fixed(w_hh, b_hh), keep=True)
         ctx.save_for_backward(h0, hs, w_hh)
         return hs, C if C is not None else h0.new_zeros(())
 
