@@ -171,6 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
                         f"(0: off; sampled: {lyric['no_repeat_ngram']})")
     g.add_argument("--no-blank-runs", action=argparse.BooleanOptionalAction, default=None,
                    help="never a blank (space, line break) right after a blank (sampled: on)")
+    g.add_argument("--max-char-run", type=non_negative_int, default=None, metavar="K",
+                   help=f"K >= 1: never one character more than K times in a row (0: off; sampled: "
+                        f"{lyric['max_char_run']})")
     g.add_argument("--best-of", type=positive_int, default=None, metavar="K",
                    help=f"K candidates per continuation, the likeliest kept every --best-of-chars characters "
                         f"(sampled: {lyric['best_of']})")
@@ -289,7 +292,7 @@ def cmd_generate(args) -> int:
 
     ck = open_model(args)
     params = decoding(args.temperature, args.top_k, args.top_p, args.repetition_penalty, args.no_repeat_ngram,
-                      args.no_blank_runs, args.best_of, args.best_of_chars)
+                      args.no_blank_runs, args.best_of, args.best_of_chars, args.max_char_run)
     prefix = normalise_newlines(args.prefix, ck.newlines)
     constraints = None
     if args.lines or args.line_lengths or args.rhyme or args.banned or args.required:

@@ -14,6 +14,8 @@ the next 100 scored).
   dictionary (jieba, HMM off: its dictionary was built from other text, not this corpus);
 * variety: distinct 4-character sequences over all answers pooled, per sequence (a model that
   says the same few lines whatever the prefix scores low, even if no answer loops);
+* stutters: per 100 generated characters, a character written three times in a row (静静静) or
+  two characters twice (怎么怎么), which no_repeat_ngram does not catch inside one line;
 * lines: mean length of its complete lines, and the share of answers with a run of blanks
   (two line breaks, or three whitespace characters, in a row);
 * judge: perplexity of the answer, given its prefix, under a Kneser-Ney 7-gram of the
@@ -71,6 +73,7 @@ CONTEXT = 2
 JUDGE_ORDER = 7
 HAN = re.compile(r"[\u4e00-\u9fff]")
 BLANKS = re.compile(r"\n\s*\n|\s{3,}")
+STUTTER = re.compile(r"(\S)\1\1|(\S\S)\2")
 
 
 def loop_rate(text: str, n: int = 4) -> float:
@@ -125,6 +128,7 @@ def measure(samples: list[tuple[str, str]], corpus_runs: set[str], judge: Kneser
             "copied": mean([copy_rate(g, corpus_runs) for _, g in samples]),
             "words": mean([word_share(g) for _, g in samples]),
             "variety": len(set(pooled)) / len(pooled),
+            "stutters": 100 * sum(len(STUTTER.findall(g)) for _, g in samples) / max(chars, 1),
             "line_mean": mean(lines) if lines else float("nan"),
             "lines_over_20": sum(n > 20 for n in lines) / len(lines) if lines else float("nan"),
             "blank_runs": mean([bool(BLANKS.search(g)) for _, g in samples]),
@@ -258,12 +262,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     print(f"\n{len(prefixes)} prefixes x {LENGTH} characters; real: {len(windows)} validation windows "
           f"(their copies looked up in the training part)\n")
-    print("| configuration | loops (4-gram repeats) | copied (8-gram in corpus) | words (jieba) | variety | line mean | "
-          "lines > 20 | blank runs | judge ppl | judge ratio |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| configuration | loops (4-gram repeats) | copied (8-gram in corpus) | words (jieba) | variety | "
+          "stutters / 100 chars | line mean | lines > 20 | blank runs | judge ppl | judge ratio |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for label, r in rows:
         print(f"| {label} | {fmt(r['loops'])} | {fmt(r['copied'])} | {fmt(r['words'])} | {fmt(r['variety'])} | "
-              f"{r['line_mean']:.1f} | "
+              f"{r['stutters']:.2f} | {r['line_mean']:.1f} | "
               f"{fmt(r['lines_over_20'])} | {fmt(r['blank_runs'])} | {r['judge_ppl']:.1f} | "
               f"{r['judge_ppl'] / real['judge_ppl']:.2f} |")
     for label, data in answers.items():

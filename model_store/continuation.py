@@ -66,6 +66,8 @@ class Row:
         self.group: Group | None = None  # the best_of candidates this row is one of
         self.loglik = 0.0  # log-probability of its characters since its group last compared them
         self.ngrams = NgramBlocker(params.no_repeat_ngram, read) if params.no_repeat_ngram else None
+        # the last character read or generated and how many times in a row it ends the text (max_char_run)
+        self.run_id, self.run_length = (read[-1], run_at_end(read)) if read else (-1, 0)
         self.read = read  # what the row's text is made of, for its snapshot
         self.generated_ids: list[int] = []
         stream_seed = seed if stream_seed is None else stream_seed
@@ -80,6 +82,7 @@ class Row:
         """Append one generated character; return the text that is now safe to show ('' if none)."""
         self.text += char
         self.after_blank = char.isspace()
+        self.run_id, self.run_length = index, (self.run_length + 1 if index == self.run_id else 1)
         self.generated_ids.append(index)
         if not self.stop and self.tracker is None and self.ngrams is None:  # the common case, per row and step
             if len(self.text) >= self.max_chars:
@@ -105,6 +108,7 @@ class Row:
         """Continue from `lead`'s text and bookkeeping (a group's candidate that lost), keeping its own
         random stream. The batch copies the model state."""
         self.text, self.emitted, self.finish, self.after_blank = lead.text, lead.emitted, lead.finish, lead.after_blank
+        self.run_id, self.run_length = lead.run_id, lead.run_length
         self.generated_ids = list(lead.generated_ids)
         self.logprobs = list(lead.logprobs)
         self.tracker = lead.tracker.copy() if lead.tracker is not None else None
@@ -121,6 +125,14 @@ class Row:
         logprobs = self.logprobs[:len(self.text)] if self.top_logprobs is not None else None
         return Completion(prefix + self.text, self.text, self.finish or "length", self.seed, met, self.snapshot,
                           logprobs)
+
+
+def run_at_end(ids: Sequence[int]) -> int:
+    """How many times the last id repeats at the end of ids (1 for a lone one)."""
+    length = 1
+    while length < len(ids) and ids[-1 - length] == ids[-1]:
+        length += 1
+    return length
 
 
 def held_back(text: str, stop: Sequence[str]) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+from itertools import pairwise
 
 import httpx
 import openai
@@ -143,9 +144,10 @@ def test_streamed_logprobs_match_the_answer(client):
 
 def test_project_fields_work_as_extensions(client):
     [c] = client.completions.create(model="gru", prompt="分开", max_tokens=21, temperature=0.8, seed=1,
-                                    extra_body={"top_k": 5, "no_repeat_ngram": 3,
+                                    extra_body={"top_k": 5, "no_repeat_ngram": 3, "max_char_run": 1,
                                                 "constraints": {"lines": 3, "line_lengths": 6}}).choices
     assert [len(line) for line in c.text.split("\n")[:3]] == [6, 6, 6]
+    assert not any(a == b for a, b in pairwise(c.text)), c.text
 
 
 def test_models_list_in_the_openai_shape(client, http):

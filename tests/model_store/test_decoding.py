@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -22,9 +24,9 @@ def model(make_model):
 
 
 def test_omitted_fields_take_the_lyric_defaults_when_sampled():
-    assert decoding() == SamplingParams(0.9, 0, 0.95, 1.0, 4, True, 8, 5)
+    assert decoding() == SamplingParams(0.9, 0, 0.95, 1.0, 4, True, 8, 5, 2)
     assert LYRIC_DEFAULTS == {"temperature": 0.9, "top_p": 0.95, "no_repeat_ngram": 4, "no_blank_runs": True,
-                              "best_of": 8, "best_of_chars": 5}
+                              "best_of": 8, "best_of_chars": 5, "max_char_run": 2}
     assert decoding(temperature=1.2).temperature == 1.2 and decoding(temperature=1.2).best_of == 8
 
 
@@ -32,14 +34,17 @@ def test_temperature_zero_is_plain_greedy_unless_a_rule_is_asked_for():
     assert decoding(temperature=0) == SamplingParams()  # the tutorial's predict, as before
     assert decoding(temperature=0, no_repeat_ngram=3).no_repeat_ngram == 3
     assert decoding(temperature=0, no_blank_runs=True).no_blank_runs
+    assert decoding(temperature=0, max_char_run=1).max_char_run == 1
 
 
 def test_given_fields_win_over_the_defaults():
-    p = decoding(0.5, top_k=7, top_p=0.5, no_repeat_ngram=0, no_blank_runs=False, best_of=1, best_of_chars=9)
-    assert p == SamplingParams(0.5, 7, 0.5, 1.0, 0, False, 1, 9)
+    p = decoding(0.5, top_k=7, top_p=0.5, no_repeat_ngram=0, no_blank_runs=False, best_of=1, best_of_chars=9,
+                 max_char_run=0)
+    assert p == SamplingParams(0.5, 7, 0.5, 1.0, 0, False, 1, 9, 0)
 
 
-@pytest.mark.parametrize("field, value", [("best_of", 0), ("best_of", 65), ("best_of_chars", 0)])
+@pytest.mark.parametrize("field, value", [("best_of", 0), ("best_of", 65), ("best_of_chars", 0),
+                                          ("max_char_run", -1), ("max_char_run", 1001)])
 def test_out_of_range_best_of_is_refused(field, value):
     with pytest.raises(ValueError, match=field):
         SamplingParams(**{field: value})
@@ -56,6 +61,31 @@ def test_no_blank_runs_never_puts_a_blank_after_a_blank(make_model):
     for text in texts[ruled]:
         assert not text[0].isspace()  # the prefix ended with a blank
         assert not any(run in text for run in BLANK_RUNS), text
+
+
+def longest_run(text: str) -> int:
+    return max(len(m.group(0)) for m in re.finditer(r"(.)\1*", text, re.S))
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_max_char_run_never_writes_a_character_more_than_k_times_in_a_row(make_model, k):
+    # a model that repeats itself: near-flat logits over a tiny vocabulary at a low temperature draw runs often
+    vocab = Vocabulary("ab")
+    model = make_model("rnn", vocab_size=2, hidden_size=4, std=0.05)
+    free = [generate(model, vocab, "a", 200, SamplingParams(temperature=0.5), seed=s)[0].text for s in range(4)]
+    assert max(longest_run(t) for t in free) > k  # runs happen without the rule
+    for seed in range(4):
+        [c] = generate(model, vocab, "a" * k, 200, SamplingParams(temperature=0.5, max_char_run=k), seed=seed)
+        assert longest_run(c.text) <= k, c.text  # the prefix's own run counts: its k a's end it
+        assert len(c.generated) == 200 and c.generated[0] == "b"
+
+
+def test_max_char_run_holds_with_best_of_and_each_choice_equals_it_alone(model):
+    params = SamplingParams(temperature=2.0, max_char_run=1, best_of=3, best_of_chars=2)
+    texts = [c.generated for c in generate(model, VOCAB, "ab", 60, params, seed=4, n=3)]
+    assert all(longest_run(t) == 1 for t in texts), texts
+    alone = [generate(model, VOCAB, "ab", 60, params, seed=4 + i)[0].generated for i in range(3)]
+    assert texts == alone
 
 
 def test_best_of_compared_only_at_the_end_returns_the_likeliest_of_its_candidates(model):
