@@ -30,7 +30,15 @@ from model_store.sampling import LYRIC_DEFAULTS  # noqa: E402
 from model_store.vocab import UnknownCharactersError  # noqa: E402
 from training.corpus import CorpusError  # noqa: E402
 from training.poetry import PARTS as POETRY_PARTS  # noqa: E402
-from training.train import DEFAULT_LR, RECIPE  # noqa: E402
+from training.train import DEFAULT_LR, RECIPE, SIZED, SIZED_RANGE  # noqa: E402
+
+
+def sized_help(name: str) -> str:
+    small, large = SIZED[name]
+    if small == large:
+        return f"{small:g}"
+    return (f"{small:g} up to {SIZED_RANGE[0]:,} training characters, {large:g} from {SIZED_RANGE[1]:,}, "
+            "log-linear between")
 
 
 def positive_int(text: str) -> int:
@@ -67,8 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--embed-size", type=non_negative_int, default=RECIPE["embed_size"],
                    help="0: one-hot input as the tutorial; N: a learned N-wide character embedding "
                         "(default: the hidden size)")
-    t.add_argument("--dropout", type=float, default=RECIPE["dropout"],
-                   help="dropout on the embedding, between stacked layers and before the output layer")
+    t.add_argument("--dropout", type=float, default=None,
+                   help="dropout on the embedding, between stacked layers and before the output layer "
+                        f"(default: {sized_help('dropout')})")
     t.add_argument("--num-steps", type=positive_int, default=RECIPE["num_steps"],
                    help="characters per training sequence (BPTT)")
     t.add_argument("--batch-size", type=positive_int, default=32,
@@ -83,10 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--clip", type=float, default=1.0, help="global gradient-norm clipping threshold (0: off)")
     t.add_argument("--weight-decay", type=float, default=RECIPE["weight_decay"],
                    help="weight decay (decoupled with adamw, L2 with sgd and adam)")
-    t.add_argument("--label-smoothing", type=float, default=RECIPE["label_smoothing"],
-                   help="share of each target's probability spread over the whole vocabulary")
-    t.add_argument("--weight-drop", type=float, default=RECIPE["weight_drop"],
-                   help="DropConnect on the recurrent weights W_hh while training")
+    t.add_argument("--label-smoothing", type=float, default=None,
+                   help="share of each target's probability spread over the whole vocabulary "
+                        f"(default: {sized_help('label_smoothing')})")
+    t.add_argument("--weight-drop", type=float, default=None,
+                   help=f"DropConnect on the recurrent weights W_hh while training (default: {sized_help('weight_drop')})")
     t.add_argument("--tie-weights", action=argparse.BooleanOptionalAction, default=RECIPE["tie_weights"],
                    help="the output layer reuses the embedding matrix (needs --embed-size equal to --hidden-size; "
                         "default: tie when they are equal)")
@@ -252,7 +262,10 @@ def cmd_train(args) -> int:
         options["embed_size"] = options["hidden_size"]
     if options["tie_weights"] is None:
         options["tie_weights"] = options["embed_size"] == options["hidden_size"]
-    cfg = TrainConfig(**options, progress=not args.no_progress, command="lyrics " + shlex.join(args.argv))
+    sized = tuple(name for name in SIZED if options[name] is None)  # chosen by the corpus's size in train()
+    options.update({name: RECIPE[name] for name in sized})
+    cfg = TrainConfig(**options, progress=not args.no_progress, command="lyrics " + shlex.join(args.argv),
+                      sized=sized)
     with distributed.process_group(cfg.device):  # only under torchrun
         result = train(cfg)
         main = distributed.is_main()

@@ -17,6 +17,7 @@ from model_store.constraints import Constraints
 from model_store.generate import generate
 from model_store.sampling import decoding
 from model_store.scoring import score_text
+from training.train import RECIPE, SIZED
 
 TINY = ["--hidden-size", "16", "--num-steps", "8", "--batch-size", "4", "--epochs", "2", "--lr", "0.01",
         "--sample-every", "0", "--no-progress"]
@@ -54,6 +55,9 @@ def test_train_writes_the_checkpoint_and_records_the_exact_command(capsys, tmp_p
     assert command == "lyrics " + shlex.join(argv)
     assert shlex.split(command)[1:] == argv
     assert meta["training"]["options"]["prefixes"] == ["分开", "la la"]
+    # regularisation not given: chosen by the corpus's size, which for this small one is the recipe's
+    assert meta["training"]["options"]["sized"] == ["dropout", "weight_drop", "label_smoothing"]
+    assert {k: meta["training"]["options"][k] for k in SIZED} == {k: RECIPE[k] for k in SIZED}
     for suffix in (".resume", ".metrics.jsonl", ".curves.png"):
         assert (out_path.parent / f"gru 1{suffix}").is_file()
 

@@ -22,10 +22,10 @@ import random
 import sys
 import time
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -62,6 +62,13 @@ RECIPE = {"embed_size": None, "tie_weights": None, "dropout": 0.5, "weight_drop"
           "optimizer": "adamw", "weight_decay": 0.01, "schedule": "cosine", "num_steps": 70,
           "epochs": 30, "patience": 5}
 # embed_size None: the hidden size; tie_weights None: tie when the embedding is as wide as the hidden layer
+
+# The recipe's regularisation as the training part grows, for the options `lyrics train` is not given
+# (TrainConfig.sized): (value at SIZED_RANGE[0] characters or fewer, value at SIZED_RANGE[1] or more),
+# log-linear between. The small end is RECIPE, tuned on the lyrics (56,954 training characters); on 2.1 M
+# characters of Song ci and Yuan qu it underfits (docs/quality.md, "Regularisation by corpus size").
+SIZED = {"dropout": (0.5, 0.2), "weight_drop": (0.5, 0.2), "label_smoothing": (0.1, 0.0)}
+SIZED_RANGE = (60_000, 2_000_000)
 
 
 @dataclass
@@ -105,6 +112,7 @@ class TrainConfig:
     prefixes: list[str] = field(default_factory=lambda: ["分开", "不分开"])
     progress: bool = True
     command: str = ""
+    sized: tuple[str, ...] = ()  # options of SIZED chosen by the training part's size (lyrics train's defaults)
 
     @property
     def learning_rate(self) -> float:
@@ -125,6 +133,13 @@ def paths_for(out: str | Path) -> dict[str, Path]:
     stem = out.parent / out.name.removesuffix(".safetensors")
     return {"checkpoint": out, "resume": Path(f"{stem}.resume"),
             "metrics": Path(f"{stem}.metrics.jsonl"), "curves": Path(f"{stem}.curves.png")}
+
+
+def sized_regularisation(train_chars: int) -> dict[str, float]:
+    """The SIZED options' values for a training part of `train_chars` characters."""
+    small, large = SIZED_RANGE
+    t = min(max(math.log(max(train_chars, 1) / small) / math.log(large / small), 0.0), 1.0)
+    return {name: round(at_small + (at_large - at_small) * t, 3) for name, (at_small, at_large) in SIZED.items()}
 
 
 def make_optimizer(cfg: TrainConfig, model: CharLM) -> torch.optim.Optimizer:
@@ -309,6 +324,12 @@ def train(cfg: TrainConfig, log=None) -> TrainResult:
     distributed.check_batch_size(cfg.batch_size)
     device = distributed.training_device(cfg.device)
     corpus = load_corpus(cfg.corpus, cfg.newlines, cfg.val_frac, cfg.max_chars)
+    if cfg.sized:
+        chosen: dict[str, Any] = {k: v for k, v in sized_regularisation(len(corpus.train_ids)).items()
+                                  if k in cfg.sized}
+        cfg = replace(cfg, **chosen)
+        log(f"for {len(corpus.train_ids):,} training characters: "
+            + ", ".join(f"{k.replace('_', '-')} {v:g}" for k, v in chosen.items()) + " (an option given wins)")
     if num_batches(len(corpus.train_ids), cfg.batch_size, cfg.num_steps, cfg.sampling) < 1:
         raise CorpusError(f"the training part ({len(corpus.train_ids)} characters) is too short for one batch "
                           f"of {cfg.batch_size} x {cfg.num_steps}: lower --batch-size or --num-steps")

@@ -63,3 +63,33 @@ def test_the_regularised_recipe_trains_and_saves_a_tied_weight_drop_model(tmp_pa
     assert result.history[-1]["train_perplexity"] < result.history[0]["train_perplexity"]
     config = load_checkpoint(cfg.out).config
     assert config.tie_weights and config.weight_drop == 0.3
+
+
+def test_sized_regularisation_is_the_recipe_on_small_corpora_and_lighter_on_large_ones():
+    from training.train import RECIPE, SIZED, SIZED_RANGE, sized_regularisation
+
+    small, large = SIZED_RANGE
+    assert sized_regularisation(56_954) == sized_regularisation(small) == {k: RECIPE[k] for k in SIZED}
+    assert sized_regularisation(large) == sized_regularisation(50 * large) == {k: v[1] for k, v in SIZED.items()}
+    middle = sized_regularisation(round(math.sqrt(small * large)))  # halfway on a log scale
+    assert middle["dropout"] == pytest.approx((SIZED["dropout"][0] + SIZED["dropout"][1]) / 2, abs=1e-3)
+    sizes = [small, 200_000, 600_000, large]
+    assert [sized_regularisation(n)["dropout"] for n in sizes] == sorted(
+        (sized_regularisation(n)["dropout"] for n in sizes), reverse=True)
+
+
+def test_options_left_to_the_corpus_size_are_chosen_from_the_training_part(tmp_path, corpus_file, tiny_train_config,
+                                                                            monkeypatch):
+    import training.train as training_train
+
+    monkeypatch.setattr(training_train, "SIZED_RANGE", (10, 100))  # this small corpus counts as a large one
+    cfg = tiny_train_config(corpus_file, str(tmp_path / "m.safetensors"), epochs=1, dropout=0.5, weight_drop=0.5,
+                            label_smoothing=0.1, sized=("dropout", "weight_drop"))
+    logs = []
+    train(cfg, log=logs.append)
+    options = read_metadata(cfg.out)["training"]["options"]
+    large = {k: v[1] for k, v in training_train.SIZED.items()}
+    assert options["dropout"] == large["dropout"] and options["weight_drop"] == large["weight_drop"]
+    assert options["label_smoothing"] == 0.1  # given, so not resized
+    assert load_checkpoint(cfg.out).model.config.dropout == large["dropout"]
+    assert any(f"dropout {large['dropout']:g}, weight-drop {large['weight_drop']:g}" in line for line in logs)
