@@ -179,6 +179,22 @@ def test_dropout_between_layers_is_active_in_train_mode_and_off_in_eval_mode(mak
     torch.testing.assert_close(plain(x)[0], c, atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("p", [0.2, 0.5])
+def test_dropout_zeroes_a_share_p_and_scales_the_rest_like_torchs(p):
+    from model_store.model import dropout
+
+    torch.manual_seed(0)
+    x = torch.rand(400, 500) + 0.5
+    x.requires_grad_(True)
+    y = dropout(x, p)
+    kept = y != 0
+    assert abs(1 - kept.float().mean().item() - p) < 0.01  # 200,000 draws: the share is within 0.003 of p
+    torch.testing.assert_close(y[kept], x[kept] / (1 - p))
+    y.sum().backward()
+    # the gradient flows through the survivors only, with the same scale
+    torch.testing.assert_close(x.grad, kept.float() / (1 - p))
+
+
 # Config --------------------------------------------------------------------------------------
 
 
