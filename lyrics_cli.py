@@ -184,6 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-char-run", type=non_negative_int, default=None, metavar="K",
                    help=f"K >= 1: never one character more than K times in a row (0: off; sampled: "
                         f"{lyric['max_char_run']})")
+    g.add_argument("--min-line-chars", type=non_negative_int, default=None, metavar="K",
+                   help=f"K >= 1: no line break before a line has K characters (0: off; sampled: "
+                        f"{lyric['min_line_chars']})")
     g.add_argument("--best-of", type=positive_int, default=None, metavar="K",
                    help=f"K candidates per continuation, the likeliest kept every --best-of-chars characters "
                         f"(sampled: {lyric['best_of']})")
@@ -305,7 +308,8 @@ def cmd_generate(args) -> int:
 
     ck = open_model(args)
     params = decoding(args.temperature, args.top_k, args.top_p, args.repetition_penalty, args.no_repeat_ngram,
-                      args.no_blank_runs, args.best_of, args.best_of_chars, args.max_char_run)
+                      args.no_blank_runs, args.best_of, args.best_of_chars, args.max_char_run,
+                      args.min_line_chars)
     prefix = normalise_newlines(args.prefix, ck.newlines)
     constraints = None
     if args.lines or args.line_lengths or args.rhyme or args.banned or args.required:

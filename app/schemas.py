@@ -57,6 +57,10 @@ class ContinueFields(StrictBody):
     max_char_run: int | None = Field(None, ge=0, le=1000, examples=[2], description=(
         "k >= 1: never generate one character more than k times in a row, counting the prefix's end "
         f"(no 啦啦啦 with 2); 0: off. Omitted: {LYRIC_DEFAULTS['max_char_run']} when sampled, 0 when greedy"))
+    min_line_chars: int | None = Field(None, ge=0, le=1000, examples=[6], description=(
+        "k >= 1: never end a line (a line break) before it has k characters, the prefix's last line counted; "
+        "0: off. A structure constraint that asks for a shorter line wins. "
+        f"Omitted: {LYRIC_DEFAULTS['min_line_chars']} when sampled, 0 when greedy"))
     best_of: int | None = Field(None, ge=1, le=64, examples=[8], description=(
         "candidates sampled side by side for each continuation; every best_of_chars characters the one the model "
         "finds likeliest is kept and the others continue from it (each continuation costs best_of rows of the "
@@ -112,7 +116,8 @@ class ContinueFields(StrictBody):
     def sampling(self) -> SamplingParams:
         """How the characters are chosen: the fields given, the lyric defaults for the others."""
         return decoding(self.temperature, self.top_k, self.top_p, self.repetition_penalty, self.no_repeat_ngram,
-                        self.no_blank_runs, self.best_of, self.best_of_chars, self.max_char_run)
+                        self.no_blank_runs, self.best_of, self.best_of_chars, self.max_char_run,
+                        self.min_line_chars)
 
 
 LineLengths = StrictInt | Annotated[str, Field(max_length=10_000)] | Annotated[list[StrictInt], Field(max_length=1000)]

@@ -86,6 +86,7 @@ class Batch:
         self.model, self.vocab = for_generation(model), vocab
         self.blanks = torch.tensor([c.isspace() for c in vocab.idx_to_char], dtype=torch.bool,
                                    device=self.model.dense.weight.device)  # for no_blank_runs
+        self.newline = vocab.char_to_idx.get("\n")  # for min_line_chars
         self.rows: list[Row] = []
         # the rows' next-character logits, state and seen marks; None while there are no rows
         self.logits: torch.Tensor | None = None
@@ -130,7 +131,7 @@ class Batch:
         """One character for every row: each row with the text it made safe to show."""
         rows = self.rows
         raw, _, seen = self.tensors()
-        logits = block_repeats(mask_logits(raw, [r.tracker for r in rows]), rows, self.blanks)
+        logits = block_repeats(mask_logits(raw, [r.tracker for r in rows]), rows, self.blanks, self.newline)
         chosen = sample_next(logits, [r.params for r in rows], seen, [r.uniforms for r in rows])
         if any(r.top_logprobs is not None for r in rows):
             self.record_logprobs(chosen)

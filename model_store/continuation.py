@@ -57,7 +57,7 @@ class Row:
     def __init__(self, params: SamplingParams, seed: int | None, stop: Sequence[str], max_chars: int,
                  index: int = 0, owner=None, tracker: Tracker | None = None, keep_state: bool = False,
                  read: Sequence[int] = (), after_blank: bool = False, stream_seed: int | None = None,
-                 logprobs: int | None = None):
+                 logprobs: int | None = None, line_length: int = 0):
         self.params, self.seed, self.stop, self.max_chars = params, seed, stop, max_chars
         self.top_logprobs = logprobs  # None: not recorded; k: each character's log-probability and the top k
         self.logprobs: list[CharLogprob] = []  # one per character pushed (a stripped stop string's too)
@@ -68,6 +68,7 @@ class Row:
         self.ngrams = NgramBlocker(params.no_repeat_ngram, read) if params.no_repeat_ngram else None
         # the last character read or generated and how many times in a row it ends the text (max_char_run)
         self.run_id, self.run_length = (read[-1], run_at_end(read)) if read else (-1, 0)
+        self.line_length = line_length  # characters since the last line break, the text read counted
         self.read = read  # what the row's text is made of, for its snapshot
         self.generated_ids: list[int] = []
         stream_seed = seed if stream_seed is None else stream_seed
@@ -83,6 +84,7 @@ class Row:
         self.text += char
         self.after_blank = char.isspace()
         self.run_id, self.run_length = index, (self.run_length + 1 if index == self.run_id else 1)
+        self.line_length = 0 if char == "\n" else self.line_length + 1
         self.generated_ids.append(index)
         if not self.stop and self.tracker is None and self.ngrams is None:  # the common case, per row and step
             if len(self.text) >= self.max_chars:
@@ -108,7 +110,7 @@ class Row:
         """Continue from `lead`'s text and bookkeeping (a group's candidate that lost), keeping its own
         random stream. The batch copies the model state."""
         self.text, self.emitted, self.finish, self.after_blank = lead.text, lead.emitted, lead.finish, lead.after_blank
-        self.run_id, self.run_length = lead.run_id, lead.run_length
+        self.run_id, self.run_length, self.line_length = lead.run_id, lead.run_length, lead.line_length
         self.generated_ids = list(lead.generated_ids)
         self.logprobs = list(lead.logprobs)
         self.tracker = lead.tracker.copy() if lead.tracker is not None else None

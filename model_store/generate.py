@@ -99,11 +99,13 @@ class Generation:
         r = self.request
         read = self.text_ids()
         last = r.prefix[-1:] or self.vocab.idx_to_char[self.ids[-1]]
+        text = self.vocab.decode(read)
+        line_length = len(text) - text.rfind("\n") - 1
         rows = []
         for i, seed in enumerate(self.seeds):
             candidates = [Row(r.params, seed, self.stop, r.max_chars, i, owner,
                               self.plan.tracker() if self.plan else None, r.keep_state, read, last.isspace(),
-                              candidate_seed(seed, j), r.logprobs) for j in range(r.params.best_of)]
+                              candidate_seed(seed, j), r.logprobs, line_length) for j in range(r.params.best_of)]
             if len(candidates) > 1:
                 Group(candidates, r.params.best_of_chars)
             rows += candidates

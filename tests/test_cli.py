@@ -122,9 +122,11 @@ def test_generate_without_decoding_options_samples_with_the_lyric_defaults(capsy
     assert json.loads(out)["generated"] == expected.generated
     code, out, err = run_cli(capsys, "generate", "--dir", str(model_dir), "--model", "rnn", "--prefix", "分开",
                              "--max-chars", "40", "--seed", "5", "--best-of", "2", "--best-of-chars", "3",
-                             "--no-no-blank-runs", "--no-repeat-ngram", "0", "--max-char-run", "1", "--json")
+                             "--no-no-blank-runs", "--no-repeat-ngram", "0", "--max-char-run", "1",
+                             "--min-line-chars", "4", "--json")
     assert code == 0, err
-    params = decoding(best_of=2, best_of_chars=3, no_blank_runs=False, no_repeat_ngram=0, max_char_run=1)
+    params = decoding(best_of=2, best_of_chars=3, no_blank_runs=False, no_repeat_ngram=0, max_char_run=1,
+                      min_line_chars=4)
     assert json.loads(out)["generated"] == generate(trained.model, trained.vocab, "分开", 40, params, seed=5)[0].generated
 
 

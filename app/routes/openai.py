@@ -95,6 +95,7 @@ class CompletionRequest(StrictBody):
     no_repeat_ngram: int | None = Field(None, ge=0, le=1000)
     no_blank_runs: bool | None = None
     max_char_run: int | None = Field(None, ge=0, le=1000)
+    min_line_chars: int | None = Field(None, ge=0, le=1000)
     best_of_chars: int | None = Field(None, ge=1, le=1_000_000)
     constraints: Constraints | None = None
     unknown: Literal["error", "skip"] = "error"
@@ -118,7 +119,7 @@ class CompletionRequest(StrictBody):
                   "stream": self.stream, "seed": self.seed, "logprobs": self.logprobs, "best_of": self.best_of,
                   "top_k": self.top_k, "repetition_penalty": self.repetition_penalty,
                   "no_repeat_ngram": self.no_repeat_ngram, "no_blank_runs": self.no_blank_runs,
-                  "max_char_run": self.max_char_run,
+                  "max_char_run": self.max_char_run, "min_line_chars": self.min_line_chars,
                   "best_of_chars": self.best_of_chars, "constraints": self.constraints, "unknown": self.unknown}
         if self.max_tokens is not None:
             fields["max_chars"] = self.max_tokens

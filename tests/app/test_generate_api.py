@@ -40,7 +40,7 @@ async def test_omitted_decoding_fields_are_the_lyric_defaults_equal_to_model_sto
     assert body["text"] == expected.text and body["seed"] == 8 and len(body["generated"]) == 50
     assert decoding().temperature == LYRIC_DEFAULTS["temperature"] > 0 and decoding().best_of > 1
     nulls = dict.fromkeys(["temperature", "top_p", "no_repeat_ngram", "no_blank_runs", "best_of", "best_of_chars",
-                           "max_char_run"])
+                           "max_char_run", "min_line_chars"])
     assert (await post(client, prefix="分开", seed=8, **nulls)).json() == body  # null: as if omitted
     assert (await post(client, prefix="分开", seed=8, best_of=1)).json()["text"] != body["text"]
     unseeded = (await post(client, prefix="分开")).json()
@@ -124,7 +124,7 @@ async def test_greedy_n_gives_identical_choices(client):
 
 async def test_top_k_one_and_tiny_top_p_are_greedy(client):
     # greedy with the rules a sampled request gets by default: best_of's candidates are then all alike
-    rules = {k: LYRIC_DEFAULTS[k] for k in ("no_repeat_ngram", "no_blank_runs", "max_char_run")}
+    rules = {k: LYRIC_DEFAULTS[k] for k in ("no_repeat_ngram", "no_blank_runs", "max_char_run", "min_line_chars")}
     greedy = (await post(client, prefix="分开", max_chars=30, temperature=0, **rules)).json()["text"]
     top_k = (await post(client, prefix="分开", max_chars=30, temperature=1.5, top_k=1, seed=1)).json()["text"]
     top_p = (await post(client, prefix="分开", max_chars=30, temperature=1.5, top_p=1e-6, seed=1)).json()["text"]
@@ -139,6 +139,18 @@ async def test_max_char_run_matches_model_store_and_holds(client, checkpoints):
     assert not any(a == b for a, b in pairwise(body["text"])), body["text"]
     free = (await post(client, prefix="分开", max_chars=120, temperature=0)).json()["text"]
     assert any(a == b for a, b in pairwise(free)), free  # without the rule this model doubles characters
+
+
+async def test_min_line_chars_matches_model_store_and_holds(client, checkpoints):
+    ck = checkpoints["gru"]
+    fields = dict(prefix="分开", max_chars=120, temperature=1.0, seed=3, best_of=1, min_line_chars=0)
+    free = (await post(client, **fields)).json()["text"]
+    assert min(len(line) for line in free.split("\n")[:-1]) < 8, free  # short lines without the rule
+    body = (await post(client, **fields | {"min_line_chars": 8})).json()
+    params = decoding(temperature=1.0, best_of=1, min_line_chars=8)
+    assert body["generated"] == generate(ck.model, ck.vocab, "分开", 120, params, seed=3)[0].generated
+    lines = body["text"].split("\n")[:-1]
+    assert lines and min(len(line) for line in lines) >= 8, body["text"]
 
 
 async def test_top_k_and_top_p_match_model_store(client, checkpoints):
@@ -199,7 +211,8 @@ async def test_missing_prefix_is_422(client):
     ("temperature", -0.1), ("temperature", 100.5), ("temperature", "hot"),
     ("top_k", -1), ("top_k", 10**7), ("top_p", 0), ("top_p", 1.01), ("top_p", -1),
     ("repetition_penalty", 0), ("repetition_penalty", 101), ("best_of", 0), ("best_of", 65), ("best_of_chars", 0),
-    ("no_blank_runs", "often"), ("max_char_run", -1), ("max_char_run", 1001), ("n", 0), ("n", -3), ("n", 10**9),
+    ("no_blank_runs", "often"), ("max_char_run", -1), ("max_char_run", 1001),
+    ("min_line_chars", -1), ("min_line_chars", 1001), ("min_line_chars", 2.5), ("n", 0), ("n", -3), ("n", 10**9),
     ("seed", -1), ("seed", 2**60), ("seed", 1.5), ("seed", "abc"), ("stream", "maybe"), ("stream", [1]),
     ("unknown", "ignore"), ("model", 5), ("model", "m" * 201), ("stop", "\n"), ("stop", [1]), ("stop", [None]),
     ("prefix", 5), ("prefix", None), ("prefix", ["分"]), ("prefix", {"a": 1}), ("stop", ["x" * 10_001]),

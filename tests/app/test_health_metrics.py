@@ -96,8 +96,8 @@ async def test_docs_and_openapi_document_every_field_with_defaults(client):
     schema = spec["components"]["schemas"]["GenerateRequest"]
     props = schema["properties"]
     assert set(props) == {"prefix", "model", "max_chars", "temperature", "top_k", "top_p", "repetition_penalty",
-                          "no_repeat_ngram", "no_blank_runs", "max_char_run", "best_of", "best_of_chars", "stop",
-                          "seed", "n", "stream", "unknown", "return_state", "state", "constraints", "logprobs"}
+                          "no_repeat_ngram", "no_blank_runs", "max_char_run", "min_line_chars", "best_of", "best_of_chars",
+                          "stop", "seed", "n", "stream", "unknown", "return_state", "state", "constraints", "logprobs"}
     defaults = {"max_chars": 50, "top_k": 0, "repetition_penalty": 1.0, "stop": [], "seed": None, "n": 1,
                 "stream": False, "unknown": "error", "return_state": False, "logprobs": None,
                 **dict.fromkeys(LYRIC_DEFAULTS)}
@@ -107,7 +107,7 @@ async def test_docs_and_openapi_document_every_field_with_defaults(client):
     for field, value in LYRIC_DEFAULTS.items():
         assert f"omitted: {json.dumps(value)}" in props[field]["description"].lower(), field
     for field, off in {"top_p": "1", "no_repeat_ngram": "0", "no_blank_runs": "false", "best_of": "1",
-                       "max_char_run": "0"}.items():
+                       "max_char_run": "0", "min_line_chars": "0"}.items():
         assert f"{off} when greedy" in props[field]["description"], field
     assert schema["examples"][0] == {"prefix": "分开"}
     ranges = {k: next(a for a in props[k]["anyOf"] if a["type"] != "null") for k in ("top_p", "temperature")}

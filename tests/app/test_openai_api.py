@@ -148,6 +148,10 @@ def test_project_fields_work_as_extensions(client):
                                                 "constraints": {"lines": 3, "line_lengths": 6}}).choices
     assert [len(line) for line in c.text.split("\n")[:3]] == [6, 6, 6]
     assert not any(a == b for a, b in pairwise(c.text)), c.text
+    [c] = client.completions.create(model="gru", prompt="分开", max_tokens=60, temperature=1.0, seed=1,
+                                    extra_body={"min_line_chars": 9}).choices
+    lines = ("分开" + c.text).split("\n")[:-1]
+    assert lines and min(len(line) for line in lines) >= 9, c.text
 
 
 def test_models_list_in_the_openai_shape(client, http):

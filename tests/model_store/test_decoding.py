@@ -24,9 +24,9 @@ def model(make_model):
 
 
 def test_omitted_fields_take_the_lyric_defaults_when_sampled():
-    assert decoding() == SamplingParams(0.9, 0, 0.95, 1.0, 4, True, 8, 5, 2)
+    assert decoding() == SamplingParams(0.9, 0, 0.95, 1.0, 4, True, 8, 5, 2, 6)
     assert LYRIC_DEFAULTS == {"temperature": 0.9, "top_p": 0.95, "no_repeat_ngram": 4, "no_blank_runs": True,
-                              "best_of": 8, "best_of_chars": 5, "max_char_run": 2}
+                              "best_of": 8, "best_of_chars": 5, "max_char_run": 2, "min_line_chars": 6}
     assert decoding(temperature=1.2).temperature == 1.2 and decoding(temperature=1.2).best_of == 8
 
 
@@ -35,16 +35,18 @@ def test_temperature_zero_is_plain_greedy_unless_a_rule_is_asked_for():
     assert decoding(temperature=0, no_repeat_ngram=3).no_repeat_ngram == 3
     assert decoding(temperature=0, no_blank_runs=True).no_blank_runs
     assert decoding(temperature=0, max_char_run=1).max_char_run == 1
+    assert decoding(temperature=0, min_line_chars=3).min_line_chars == 3
 
 
 def test_given_fields_win_over_the_defaults():
     p = decoding(0.5, top_k=7, top_p=0.5, no_repeat_ngram=0, no_blank_runs=False, best_of=1, best_of_chars=9,
-                 max_char_run=0)
-    assert p == SamplingParams(0.5, 7, 0.5, 1.0, 0, False, 1, 9, 0)
+                 max_char_run=0, min_line_chars=0)
+    assert p == SamplingParams(0.5, 7, 0.5, 1.0, 0, False, 1, 9, 0, 0)
 
 
 @pytest.mark.parametrize("field, value", [("best_of", 0), ("best_of", 65), ("best_of_chars", 0),
-                                          ("max_char_run", -1), ("max_char_run", 1001)])
+                                          ("max_char_run", -1), ("max_char_run", 1001),
+                                          ("min_line_chars", -1), ("min_line_chars", 1001)])
 def test_out_of_range_best_of_is_refused(field, value):
     with pytest.raises(ValueError, match=field):
         SamplingParams(**{field: value})
@@ -86,6 +88,40 @@ def test_max_char_run_holds_with_best_of_and_each_choice_equals_it_alone(model):
     assert all(longest_run(t) == 1 for t in texts), texts
     alone = [generate(model, VOCAB, "ab", 60, params, seed=4 + i)[0].generated for i in range(3)]
     assert texts == alone
+
+
+def line_lengths_of(text: str) -> list[int]:
+    """Lengths of the lines a line break ended (the last, open line left out)."""
+    return [len(line) for line in text.split("\n")[:-1]]
+
+
+@pytest.mark.parametrize("k", [2, 5])
+def test_min_line_chars_never_ends_a_line_shorter_than_k(make_model, k):
+    # a model that likes line breaks: a tiny vocabulary, near-flat logits, a high temperature
+    vocab = Vocabulary("ab\n")
+    model = make_model("rnn", vocab_size=3, hidden_size=4, std=0.05)
+    free = [generate(model, vocab, "a\nb", 200, SamplingParams(temperature=2.0), seed=s)[0].text for s in range(4)]
+    assert min(min(line_lengths_of(t)) for t in free) < k  # short lines happen without the rule
+    for seed in range(4):
+        [c] = generate(model, vocab, "a\nb", 200, SamplingParams(temperature=2.0, min_line_chars=k), seed=seed)
+        assert "\n" in c.generated and len(c.generated) == 200
+        # the prefix's last line ("b") counts: its first break comes after k characters, "b" included
+        assert min(line_lengths_of(c.text)[1:]) >= k, c.text
+
+
+def test_min_line_chars_holds_with_best_of_and_each_choice_equals_it_alone(model):
+    params = SamplingParams(temperature=2.0, min_line_chars=4, best_of=3, best_of_chars=2)
+    texts = [c.text for c in generate(model, VOCAB, "ab", 80, params, seed=4, n=3)]
+    assert all(min(line_lengths_of(t), default=4) >= 4 for t in texts), texts
+    alone = [generate(model, VOCAB, "ab", 80, params, seed=4 + i)[0].text for i in range(3)]
+    assert texts == alone
+
+
+def test_a_structure_constraint_asking_for_shorter_lines_wins_over_min_line_chars(model):
+    params = SamplingParams(temperature=1.0, min_line_chars=6)
+    [c] = generate(model, VOCAB, "a", 20, params, seed=3, constraints=Constraints(lines=2, line_lengths=3))
+    assert line_lengths_of(c.generated) == [3, 3], c.generated
+    assert c.constraints_met == {"lines": True, "line_lengths": True}
 
 
 def test_best_of_compared_only_at_the_end_returns_the_likeliest_of_its_candidates(model):
