@@ -10,6 +10,9 @@ the next 100 scored).
 * loops: share of an answer's 4-character sequences that already occurred earlier in it;
 * copied: share of its 8-character runs that occur verbatim anywhere in the corpus file (for
   the real lyrics: in the training part);
+* hooks: share of answers holding a 6-character run (no blanks) that the training part repeats
+  5 times or more: a chorus line learned by heart (快使用双截棍), which the 8-character copy
+  measure misses and a reader meets in answer after answer;
 * words: share of its Chinese characters inside multi-character words of jieba's own
   dictionary (jieba, HMM off: its dictionary was built from other text, not this corpus);
 * variety: distinct 4-character sequences over all answers pooled, per sequence (a model that
@@ -47,6 +50,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -92,6 +96,19 @@ def copy_rate(text: str, corpus_runs: set[str], n: int = 8) -> float:
     return sum(r in corpus_runs for r in runs) / len(runs) if runs else 0.0
 
 
+HOOK_LENGTH, HOOK_REPEATS = 6, 5
+
+
+def hook_runs(train_text: str) -> set[str]:
+    """The 6-character runs without blanks that the training text repeats HOOK_REPEATS times or more."""
+    counts = Counter(train_text[i:i + HOOK_LENGTH] for i in range(len(train_text) - HOOK_LENGTH + 1))
+    return {run for run, n in counts.items() if n >= HOOK_REPEATS and not any(c.isspace() for c in run)}
+
+
+def has_hook(text: str, hooks: set[str]) -> bool:
+    return any(text[i:i + HOOK_LENGTH] in hooks for i in range(len(text) - HOOK_LENGTH + 1))
+
+
 def word_share(text: str) -> float:
     """Share of the Chinese characters of `text` that belong to multi-character words of jieba's
     dictionary (segmented line by line, HMM off, so every multi-character token is a dictionary word)."""
@@ -114,7 +131,8 @@ def judge_perplexity(judge: KneserNey, ids: Sequence[int], start: int) -> float:
     return math.exp(-sum(judge.log_probs(ids, start)) / (len(ids) - start))
 
 
-def measure(samples: list[tuple[str, str]], corpus_runs: set[str], judge: KneserNey, encode) -> dict:
+def measure(samples: list[tuple[str, str]], corpus_runs: set[str], hooks: set[str], judge: KneserNey,
+            encode) -> dict:
     """The measures of (prefix, generated) pairs: means over answers, line lengths over all lines."""
     lines = [n for p, g in samples for n in line_lengths(p, g)]
     nll = chars = 0.0
@@ -126,6 +144,7 @@ def measure(samples: list[tuple[str, str]], corpus_runs: set[str], judge: Kneser
     pooled = [g[i:i + 4] for _, g in samples for i in range(len(g) - 3)]
     return {"loops": mean([loop_rate(g) for _, g in samples]),
             "copied": mean([copy_rate(g, corpus_runs) for _, g in samples]),
+            "hooks": mean([has_hook(g, hooks) for _, g in samples]),
             "words": mean([word_share(g) for _, g in samples]),
             "variety": len(set(pooled)) / len(pooled),
             "stutters": 100 * sum(len(STUTTER.findall(g)) for _, g in samples) / max(chars, 1),
@@ -238,7 +257,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # the real windows are in the corpus file, so their copies are looked up in the training part alone
     train_runs = {train_text[i:i + 8] for i in range(len(train_text) - 7)}
     windows = real_windows(val_text, 10_000)
-    real = measure(windows, train_runs, judge, corpus.vocab.encode)
+    hooks = hook_runs(train_text)
+    real = measure(windows, train_runs, hooks, judge, corpus.vocab.encode)
     rows, answers = [("real held-out lyrics", real)], {}
     model_dir = Path(args.model_dir)
     if args.final:  # serve the model directory's checkpoints and the final epochs side by side
@@ -255,18 +275,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             out = asyncio.run(generate_all(url, prefixes, fields))
             seconds = time.perf_counter() - t0
             samples = [(p, o["generated"]) for p, o in zip(prefixes, out, strict=True)]
-            result = measure(samples, corpus_runs, judge, corpus.vocab.encode)
+            result = measure(samples, corpus_runs, hooks, judge, corpus.vocab.encode)
             result["seconds"] = seconds
             rows.append((label, result))
             answers[label] = {"fields": fields, "answers": samples, "measures": result}
 
     print(f"\n{len(prefixes)} prefixes x {LENGTH} characters; real: {len(windows)} validation windows "
           f"(their copies looked up in the training part)\n")
-    print("| configuration | loops (4-gram repeats) | copied (8-gram in corpus) | words (jieba) | variety | "
+    print("| configuration | loops (4-gram repeats) | copied (8-gram in corpus) | hooks | words (jieba) | variety | "
           "stutters / 100 chars | line mean | lines > 20 | blank runs | judge ppl | judge ratio |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for label, r in rows:
-        print(f"| {label} | {fmt(r['loops'])} | {fmt(r['copied'])} | {fmt(r['words'])} | {fmt(r['variety'])} | "
+        print(f"| {label} | {fmt(r['loops'])} | {fmt(r['copied'])} | {fmt(r['hooks'])} | {fmt(r['words'])} | "
+              f"{fmt(r['variety'])} | "
               f"{r['stutters']:.2f} | {r['line_mean']:.1f} | "
               f"{fmt(r['lines_over_20'])} | {fmt(r['blank_runs'])} | {r['judge_ppl']:.1f} | "
               f"{r['judge_ppl'] / real['judge_ppl']:.2f} |")
