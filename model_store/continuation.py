@@ -137,6 +137,14 @@ def run_at_end(ids: Sequence[int]) -> int:
     return length
 
 
+def since_last(ids: Sequence[int], index: int | None) -> int:
+    """How many ids follow the last `index` in ids (all of them if it is not there)."""
+    length = 0
+    while length < len(ids) and ids[-1 - length] != index:
+        length += 1
+    return length
+
+
 def held_back(text: str, stop: Sequence[str]) -> int:
     """How many trailing characters of `text` could still grow into a stop string."""
     longest = 0

@@ -18,7 +18,7 @@ import torch
 
 from model_store.batch import Batch, Group, char_logprobs, prefill_rows, snapshot, state_to
 from model_store.constraints import Constraints, Plan
-from model_store.continuation import CharLogprob, Completion, Delta, Row
+from model_store.continuation import CharLogprob, Completion, Delta, Row, since_last
 from model_store.mixture import LanguageModel, for_generation
 from model_store.sampling import SamplingParams
 from model_store.state import Snapshot
@@ -99,8 +99,7 @@ class Generation:
         r = self.request
         read = self.text_ids()
         last = r.prefix[-1:] or self.vocab.idx_to_char[self.ids[-1]]
-        text = self.vocab.decode(read)
-        line_length = len(text) - text.rfind("\n") - 1
+        line_length = since_last(read, self.vocab.char_to_idx.get("\n"))
         rows = []
         for i, seed in enumerate(self.seeds):
             candidates = [Row(r.params, seed, self.stop, r.max_chars, i, owner,
