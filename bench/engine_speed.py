@@ -16,7 +16,7 @@ choosing, pushing and marking the characters), and the prefill of one request, i
 
     .venv/bin/python bench/engine_speed.py --threads 1 2
     .venv/bin/python bench/engine_speed.py --threads 2 --http-rates 0 700 1000 0 700 1000
-    .venv/bin/python bench/engine_speed.py --threads 2 --parts
+    .venv/bin/python bench/engine_speed.py --threads 2 --parts   # also the lyric defaults' rules, one by one
     python bench/engine_speed.py --devices cuda cpu --threads 1 2 4 8 16   # on a GPU machine
 """
 
@@ -45,10 +45,13 @@ from model_store.batch import Batch, prefill_rows  # noqa: E402
 from model_store.checkpoint import load_checkpoint  # noqa: E402
 from model_store.generate import Generation, Request  # noqa: E402
 from model_store.registry import BUNDLED_DIR  # noqa: E402
-from model_store.sampling import SamplingParams  # noqa: E402
+from model_store.sampling import SamplingParams, decoding  # noqa: E402
 
 HTTP_FLOOR = str(ROOT / "bench" / "http_floor.py")
 MODES = {"greedy": SamplingParams(), "sampled": SamplingParams(temperature=0.8, top_p=0.9)}
+# --parts also steps rows under the lyric defaults' per-row rules (one row per request), with and without the
+# newest, so that its cost is measured against the same run
+RULE_MODES = {"lyric rules": decoding(best_of=1), "lyric rules, min_line_chars off": decoding(best_of=1, min_line_chars=0)}
 
 
 def in_own_thread(fn, *args):
@@ -129,7 +132,7 @@ def step_parts(ck, batch: int, threads: int) -> dict[str, float]:
     prefixes = usable_prefixes(ck.vocab)
     parts = {}
     with torch.inference_mode():
-        for mode, params in MODES.items():
+        for mode, params in (MODES | RULE_MODES).items():
             generations = [Generation(ck.model, ck.vocab, Request(prefixes[0], 10**6, params, seed=i)) for i in range(batch)]
             rows = [row for g in generations for row in g.rows(owner=g)]
             stepped = Batch(ck.model, ck.vocab)

@@ -296,19 +296,22 @@ def banned_ids(row, newline: int | None = None) -> list[int]:
 def block_repeats(logits: torch.Tensor, rows: Sequence, blanks: torch.Tensor | None = None,
                   newline: int | None = None) -> torch.Tensor:
     """Rule out, per row (continuation.Row), the characters its `no_repeat_ngram` bans, the character
-    whose run has reached `max_char_run` and, with `no_blank_runs` after a blank, the blanks (`blanks`:
-    (vocab,) bool, on the logits' device). Other rows are untouched; a row whose every allowed character
-    would be ruled out (a constraint forcing one) keeps them."""
-    banned = [(i, banned_ids(r, newline), r.after_blank and r.params.no_blank_runs and blanks is not None)
-              for i, r in enumerate(rows)]
-    banned = [b for b in banned if b[1] or b[2]]
-    if not banned:
+    whose run has reached `max_char_run`, a line break before `min_line_chars` (`newline`: its index) and,
+    with `no_blank_runs` after a blank, the blanks (`blanks`: (vocab,) bool, on the logits' device), all
+    rows in one indexed write. Other rows are untouched; a row whose every allowed character would be
+    ruled out (a constraint forcing one) keeps them."""
+    pairs = [(i, j) for i, r in enumerate(rows) for j in banned_ids(r, newline)]
+    blank_rows = [i for i, r in enumerate(rows) if r.after_blank and r.params.no_blank_runs] \
+        if blanks is not None else []
+    if not pairs and not blank_rows:
         return logits
     blocked = logits.clone()
-    for i, ids, blank in banned:
-        blocked[i, ids] = float("-inf")
-        if blank:
-            blocked[i, blanks] = float("-inf")
-        if bool(torch.isinf(blocked[i]).all()):  # a constraint allows only banned characters: it wins
-            blocked[i] = logits[i]
+    if pairs:  # one indexed write for every row's banned characters
+        blocked[torch.tensor(pairs, device=logits.device).t().unbind()] = float("-inf")
+    if blanks is not None and blank_rows:
+        index = torch.tensor(blank_rows, device=logits.device)
+        blocked[index] = blocked[index].masked_fill(blanks, float("-inf"))
+    stuck = torch.isinf(blocked).all(dim=1)  # a constraint allows only banned characters: it wins
+    if bool(stuck.any()):
+        blocked[stuck] = logits[stuck]
     return blocked
